@@ -1,0 +1,51 @@
+# Every target does its own setup on a fresh machine: venv, pip, Debian packages.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+PYTEST_ARGS ?=
+
+.PHONY: help setup system-deps lint test matrix run flake bench clean
+
+help:
+	@echo "make matrix   run the default loop-mode x pool x broker matrix (the main job)"
+	@echo "make test     run every test (lint, unit, integration, scenarios, browser)"
+	@echo "make run      start the whole stack by hand on 127.0.0.1:8000"
+	@echo "make flake    run the default matrix 20 times and report every non-pass"
+	@echo "make bench    run the benchmarks (results go to docs/benchmarks.md by hand)"
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install -q --disable-pip-version-check --upgrade pip
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[test]'
+	touch $@
+
+system-deps:
+	@scripts/install-system-deps.sh
+
+setup: system-deps $(STAMP)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+test: setup lint
+	$(VENV)/bin/pytest -n 2 $(PYTEST_ARGS)
+
+matrix: setup
+	$(VENV)/bin/harness matrix
+
+run: setup
+	$(PY) -m app
+
+flake: setup
+	$(PY) -m harness flake --runs 20
+
+bench: setup
+	$(PY) bench/run_all.py
+
+clean:
+	rm -rf $(VENV) reports .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,206 @@
+"""The Celery task ``execute_ingest``: claim a queued run, run its async job, finish the row.
+
+Every path that claimed a run finishes it: ``success`` with stats, or ``failed`` with the
+error (also on Celery's soft time limit), always with finished_at and duration_ms. A run
+that is not ``queued`` is never executed again, so a redelivered message is a no-op.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Final
+
+from celery.exceptions import SoftTimeLimitExceeded
+from sqlalchemy import update
+from sqlalchemy.exc import SQLAlchemyError
+
+from app.celery_app import celery_app
+from app.clock import duration_ms, utcnow
+from app.config import get_settings
+from app.db import get_engine
+from app.ingest import JobContext, execute_ingest_job
+from app.models import IngestRun
+from app.utils import asyncio_runner
+
+__all__ = ["RunOutcome", "describe_error", "execute_ingest", "run_ingest"]
+
+logger = logging.getLogger("app.tasks.ingest.execute_ingest")
+
+_FINISH_ATTEMPTS: Final = 5
+_FINISH_BACKOFF_S: Final = 0.2
+
+
+@dataclass(frozen=True, slots=True)
+class RunOutcome:
+    """What one execution did: ``skipped`` when the run was not ``queued``."""
+
+    run_id: int
+    status: str
+    stats: dict[str, Any] | None = None
+    error_message: str | None = None
+
+
+def describe_error(exc: BaseException, max_len: int | None = None) -> str:
+    """The error as stored in ``error_message``: type and message, bounded in length."""
+    limit = max_len or get_settings().error_message_max_len
+    if isinstance(exc, SoftTimeLimitExceeded):
+        text = (
+            "SoftTimeLimitExceeded: the run timed out: it passed Celery's soft time limit "
+            "and was stopped"
+        )
+    else:
+        message = str(exc).strip()
+        text = f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+    if len(text) > limit:
+        text = text[: limit - 15] + "... [truncated]"
+    return text
+
+
+def _claim(run_id: int, celery_task_id: str | None) -> JobContext | None:
+    now = utcnow()
+    stmt = (
+        update(IngestRun)
+        .where(IngestRun.id == run_id, IngestRun.status == "queued")
+        .values(status="running", started_at=now, heartbeat_at=now, celery_task_id=celery_task_id)
+        .returning(IngestRun.project_id, IngestRun.marketplace_code, IngestRun.job_code)
+    )
+    with get_engine().begin() as conn:
+        row = conn.execute(stmt).first()
+    if row is None:
+        return None
+    return JobContext(
+        run_id=run_id, project_id=row.project_id, marketplace_code=row.marketplace_code,
+        job_code=row.job_code,
+    )
+
+
+def _current_status(run_id: int) -> str | None:
+    with get_engine().connect() as conn:
+        row = conn.execute(
+            IngestRun.__table__.select().with_only_columns(IngestRun.status).where(
+                IngestRun.id == run_id
+            )
+        ).first()
+    return None if row is None else str(row.status)
+
+
+def _finish(run_id: int, status: str, *, stats: dict[str, Any] | None, error: str | None) -> None:
+    """Write the terminal state, retrying so a dropped connection never leaves it ``running``."""
+    last: SQLAlchemyError | None = None
+    for attempt in range(1, _FINISH_ATTEMPTS + 1):
+        finished_at = utcnow()
+        with get_engine().begin() as conn:
+            try:
+                started = conn.execute(
+                    IngestRun.__table__.select()
+                    .with_only_columns(IngestRun.started_at)
+                    .where(IngestRun.id == run_id, IngestRun.status == "running")
+                    .with_for_update()
+                ).scalar_one_or_none()
+                if started is None:
+                    # Somebody else finished it (unlock_stale_runs): never overwrite that.
+                    logger.warning("Run %s was no longer running when it finished", run_id)
+                    return
+                conn.execute(
+                    update(IngestRun)
+                    .where(IngestRun.id == run_id)
+                    .values(
+                        status=status,
+                        finished_at=finished_at,
+                        duration_ms=duration_ms(_aware(started), finished_at),
+                        stats_json=stats,
+                        error_message=error,
+                        heartbeat_at=finished_at,
+                    )
+                )
+                return
+            except SQLAlchemyError as exc:
+                last = exc
+        logger.warning(
+            "Run %s: could not record its end (attempt %d of %d): %s",
+            run_id, attempt, _FINISH_ATTEMPTS, describe_error(last, 300),
+        )
+        time.sleep(_FINISH_BACKOFF_S * attempt)
+    assert last is not None
+    raise last
+
+
+def _aware(value: datetime) -> datetime:
+    if value.tzinfo is None:  # pragma: no cover - the column is timestamptz
+        raise ValueError("ingest_runs.started_at must be timezone-aware")
+    return value
+
+
+class _Heartbeat:
+    """Refreshes heartbeat_at while the job runs, so a long healthy run never looks stale."""
+
+    def __init__(self, run_id: int, interval_s: float) -> None:
+        self._run_id = run_id
+        self._interval_s = interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=self._loop, name=f"heartbeat-run-{run_id}", daemon=True
+        )
+
+    def __enter__(self) -> _Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self._interval_s):
+            try:
+                with get_engine().begin() as conn:
+                    conn.execute(
+                        update(IngestRun)
+                        .where(IngestRun.id == self._run_id, IngestRun.status == "running")
+                        .values(heartbeat_at=utcnow())
+                    )
+            except SQLAlchemyError as exc:
+                # A missed beat is not fatal; the next one may succeed.
+                logger.warning("Run %s: heartbeat failed: %s", self._run_id, describe_error(exc, 300))
+
+
+def run_ingest(run_id: int, *, celery_task_id: str | None = None) -> RunOutcome:
+    """The task's body, callable in-process (that is how the tests reach the running-loop case)."""
+    ctx = _claim(run_id, celery_task_id)
+    if ctx is None:
+        status = _current_status(run_id)
+        logger.info(
+            "Run %s is not queued (status: %s); not executing it again", run_id,
+            status if status is not None else "no such run",
+        )
+        return RunOutcome(run_id=run_id, status="skipped")
+
+    logger.info("Starting run %s", run_id)
+    settings = get_settings()
+    try:
+        with _Heartbeat(run_id, settings.heartbeat_interval_s):
+            stats = asyncio_runner.run_async_safe(
+                execute_ingest_job(ctx, settings),
+                context={"run_id": run_id, "job_code": ctx.job_code},
+            )
+    except BaseException as exc:
+        error = describe_error(exc, settings.error_message_max_len)
+        _finish(run_id, "failed", stats=None, error=error)
+        logger.error("Run %s failed: %s", run_id, error)
+        if not isinstance(exc, Exception):
+            raise  # KeyboardInterrupt, SystemExit: the row is finished, the process may go
+        return RunOutcome(run_id=run_id, status="failed", error_message=error)
+
+    _finish(run_id, "success", stats=stats, error=None)
+    logger.info("Run %s completed successfully", run_id)
+    return RunOutcome(run_id=run_id, status="success", stats=stats)
+
+
+@celery_app.task(name="app.tasks.ingest.execute_ingest", bind=True)
+def execute_ingest(self: Any, run_id: int) -> dict[str, Any]:
+    outcome = run_ingest(int(run_id), celery_task_id=self.request.id)
+    return {"run_id": outcome.run_id, "status": outcome.status}

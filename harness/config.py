@@ -1,0 +1,126 @@
+"""The harness's configuration, resolved once into a frozen object: CLI > ini > env > default."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Final, Literal, get_args
+
+__all__ = [
+    "ALL_LOOP_MODES",
+    "ALL_POOLS",
+    "BROKERS",
+    "DEFAULT_LOOP_MODES",
+    "DEFAULT_POOLS",
+    "SERVICE_MODES",
+    "ConfigError",
+    "HarnessConfig",
+    "parse_choices",
+]
+
+Broker = Literal["redis", "amqp"]
+ServiceModeName = Literal["auto", "docker", "local", "external"]
+
+ALL_LOOP_MODES: Final = ("no_loop", "idle_loop", "running_loop", "running_uvloop", "in_process")
+DEFAULT_LOOP_MODES: Final = ALL_LOOP_MODES
+ALL_POOLS: Final = ("prefork", "solo", "threads", "gevent")
+DEFAULT_POOLS: Final = ("prefork", "solo", "threads")
+BROKERS: Final[tuple[str, ...]] = get_args(Broker)
+DEFAULT_BROKERS: Final = ("redis",)
+SERVICE_MODES: Final[tuple[str, ...]] = get_args(ServiceModeName)
+
+
+class ConfigError(ValueError):
+    """A harness option has a value it cannot use; the message names the fix."""
+
+
+def parse_choices(
+    raw: str | Iterable[str] | None, *, option: str, allowed: tuple[str, ...],
+    default: tuple[str, ...],
+) -> tuple[str, ...]:
+    """``"a,b"`` or ``["a", "b"]`` or ``"all"`` into a de-duplicated tuple in ``allowed`` order."""
+    if raw is None:
+        return default
+    items = [raw] if isinstance(raw, str) else list(raw)
+    values: list[str] = []
+    for item in items:
+        values.extend(v.strip() for v in item.split(",") if v.strip())
+    if not values:
+        return default
+    if "all" in values:
+        return allowed
+    unknown = [v for v in values if v not in allowed]
+    if unknown:
+        raise ConfigError(
+            f"{option}: unknown value(s) {', '.join(map(repr, unknown))}; "
+            f"choose from {', '.join(allowed)} (comma-separated) or 'all'"
+        )
+    return tuple(v for v in allowed if v in values)
+
+
+@dataclass(frozen=True)
+class HarnessConfig:
+    """Everything the harness needs to know about a session, decided in one place."""
+
+    services: str = "auto"
+    loop_modes: tuple[str, ...] = DEFAULT_LOOP_MODES
+    pools: tuple[str, ...] = DEFAULT_POOLS
+    brokers: tuple[str, ...] = DEFAULT_BROKERS
+    env: Mapping[str, str] = field(default_factory=lambda: dict(os.environ), repr=False)
+
+    def __post_init__(self) -> None:
+        if self.services not in SERVICE_MODES:
+            raise ConfigError(
+                f"--services: unknown value {self.services!r}; choose from "
+                f"{', '.join(SERVICE_MODES)} (auto: docker where an engine answers, else local "
+                "binaries, else an error listing what was tried)"
+            )
+
+    @classmethod
+    def resolve(
+        cls,
+        *,
+        get_option: Callable[[str], object | None],
+        get_ini: Callable[[str], object | None],
+        env: Mapping[str, str] | None = None,
+    ) -> HarnessConfig:
+        """Resolve every setting from the command line, then the ini file, then ``HARNESS_*``."""
+        environ = dict(os.environ if env is None else env)
+
+        def pick(name: str) -> str | None:
+            for source in (get_option(name), get_ini(name), environ.get(f"HARNESS_{name.upper()}")):
+                if source not in (None, "", []):
+                    if isinstance(source, list | tuple):
+                        return ",".join(str(s) for s in source)
+                    return str(source)
+            return None
+
+        return cls(
+            services=pick("services") or "auto",
+            loop_modes=parse_choices(
+                pick("loop_mode"), option="--loop-mode", allowed=ALL_LOOP_MODES,
+                default=DEFAULT_LOOP_MODES,
+            ),
+            pools=parse_choices(
+                pick("pool"), option="--pool", allowed=ALL_POOLS, default=DEFAULT_POOLS
+            ),
+            brokers=parse_choices(
+                pick("broker"), option="--broker", allowed=BROKERS, default=DEFAULT_BROKERS
+            ),
+            env=environ,
+        )
+
+    def cells(self) -> list[tuple[str, str, str]]:
+        """The matrix cells (loop mode, pool, broker) this session runs.
+
+        ``in_process`` runs the task's function in the test process (no worker, no broker), so
+        it is a single cell with pool and broker ``-``.
+        """
+        cells: list[tuple[str, str, str]] = []
+        for mode in self.loop_modes:
+            if mode == "in_process":
+                cells.append((mode, "-", "-"))
+                continue
+            cells.extend((mode, pool, broker) for broker in self.brokers for pool in self.pools)
+        return cells
