@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Final, Literal, get_args
+from typing import Final, Literal, cast, get_args
 
 __all__ = [
     "ALL_LOOP_MODES",
@@ -14,6 +14,7 @@ __all__ = [
     "DEFAULT_LOOP_MODES",
     "DEFAULT_POOLS",
     "SERVICE_MODES",
+    "ServiceModeName",
     "ConfigError",
     "HarnessConfig",
     "parse_choices",
@@ -36,7 +37,10 @@ class ConfigError(ValueError):
 
 
 def parse_choices(
-    raw: str | Iterable[str] | None, *, option: str, allowed: tuple[str, ...],
+    raw: str | Iterable[str] | None,
+    *,
+    option: str,
+    allowed: tuple[str, ...],
     default: tuple[str, ...],
 ) -> tuple[str, ...]:
     """``"a,b"`` or ``["a", "b"]`` or ``"all"`` into a de-duplicated tuple in ``allowed`` order."""
@@ -63,7 +67,7 @@ def parse_choices(
 class HarnessConfig:
     """Everything the harness needs to know about a session, decided in one place."""
 
-    services: str = "auto"
+    services: ServiceModeName = "auto"
     loop_modes: tuple[str, ...] = DEFAULT_LOOP_MODES
     pools: tuple[str, ...] = DEFAULT_POOLS
     brokers: tuple[str, ...] = DEFAULT_BROKERS
@@ -96,10 +100,17 @@ class HarnessConfig:
                     return str(source)
             return None
 
+        services = pick("services") or "auto"
+        if services not in SERVICE_MODES:
+            raise ConfigError(
+                f"--services: unknown value {services!r}; choose from {', '.join(SERVICE_MODES)}"
+            )
         return cls(
-            services=pick("services") or "auto",
+            services=cast(ServiceModeName, services),
             loop_modes=parse_choices(
-                pick("loop_mode"), option="--loop-mode", allowed=ALL_LOOP_MODES,
+                pick("loop_mode"),
+                option="--loop-mode",
+                allowed=ALL_LOOP_MODES,
                 default=DEFAULT_LOOP_MODES,
             ),
             pools=parse_choices(

@@ -1,0 +1,714 @@
+"""Postgres and Redis run from the locally installed binaries, on free loopback ports.
+
+Each server is a plain context manager with its own temp dir (on tmpfs when there is one).
+Postgres starts from a cached, already initdb'd cluster when one exists (a copy takes ~0.05 s
+where initdb takes ~0.4 s); the first start builds that template and publishes it atomically.
+"""
+
+from __future__ import annotations
+
+import functools
+import glob
+import hashlib
+import logging
+import os
+import re
+import secrets
+import shutil
+import signal
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from types import TracebackType
+
+import psycopg2
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from harness.services import _proc
+from harness.services._base import (
+    ProbeResult,
+    ServiceStartError,
+    ServicesUnavailable,
+    show_value,
+)
+
+_INSTALL_FIX = (
+    "install the servers: `sudo apt-get install postgresql redis-server` (Debian/Ubuntu), "
+    "`sudo dnf install postgresql-server redis` (Fedora) or `brew install postgresql redis` "
+    "(macOS); or use Docker / an external server instead"
+)
+_BIND_FAILED = re.compile(
+    r"could not bind|Address already in use|could not create any TCP/IP sockets", re.IGNORECASE
+)
+_PORT_ATTEMPTS = 5
+_PG_STOP_TIMEOUT = 3.0
+_REDIS_STOP_TIMEOUT = 3.0
+# unix-domain socket paths are limited to 107 bytes on Linux (104 on macOS), incl. the file name
+_MAX_SOCKET_DIR = 80
+
+
+# --- binaries ----------------------------------------------------------------------------------
+
+
+def _path_dirs(env: Mapping[str, str]) -> list[Path]:
+    return [Path(p) for p in env.get("PATH", os.defpath).split(os.pathsep) if p]
+
+
+def _version_key(p: Path) -> tuple[int, ...]:
+    return tuple(int(n) for n in re.findall(r"\d+", str(p))) or (0,)
+
+
+def postgres_search_dirs(env: Mapping[str, str]) -> list[Path]:
+    """Directories that may hold initdb + postgres, most preferred first."""
+    patterns = [
+        "/usr/lib/postgresql/*/bin",  # Debian / Ubuntu
+        "/usr/pgsql-*/bin",  # PGDG RPMs
+        "/opt/homebrew/opt/postgresql@*/bin",
+        "/usr/local/opt/postgresql@*/bin",
+    ]
+    found: list[Path] = list(_path_dirs(env))
+    for pattern in patterns:
+        found.extend(sorted((Path(p) for p in glob.glob(pattern)), key=_version_key, reverse=True))
+    found += [Path("/usr/local/pgsql/bin"), Path("/opt/homebrew/bin"), Path("/usr/local/bin")]
+    return list(dict.fromkeys(found))
+
+
+def redis_search_paths(env: Mapping[str, str]) -> list[Path]:
+    """Candidate redis-server executables, most preferred first."""
+    found = [d / "redis-server" for d in _path_dirs(env)]
+    found += [
+        Path(p) / "redis-server"
+        for p in ("/usr/bin", "/usr/local/bin", "/usr/sbin", "/opt/homebrew/bin")
+    ]
+    return list(dict.fromkeys(found))
+
+
+def _is_exe(p: Path) -> bool:
+    return p.is_file() and os.access(p, os.X_OK)
+
+
+def find_postgres_bindir(env: Mapping[str, str], search: Sequence[Path] | None = None) -> Path:
+    """The first directory holding both initdb and postgres; ServicesUnavailable if none."""
+    dirs = list(search) if search is not None else postgres_search_dirs(env)
+    for d in dirs:
+        if _is_exe(d / "initdb") and _is_exe(d / "postgres"):
+            # PATH often has symlinks (/usr/local/bin/postgres -> .../15/bin/postgres): use the
+            # real bin dir, so both binaries and the cache key come from one installation.
+            real = Path(os.path.realpath(d / "postgres")).parent
+            return real if _is_exe(real / "initdb") else d
+    raise ServicesUnavailable(
+        "local",
+        [
+            ProbeResult(
+                "local",
+                False,
+                "no directory holds both `initdb` and `postgres`; looked in: "
+                + ", ".join(map(str, dirs)),
+                _INSTALL_FIX,
+            )
+        ],
+    )
+
+
+def find_redis_server(env: Mapping[str, str], search: Sequence[Path] | None = None) -> Path:
+    """The first executable redis-server; ServicesUnavailable if none."""
+    paths = list(search) if search is not None else redis_search_paths(env)
+    for p in paths:
+        if _is_exe(p):
+            return p
+    raise ServicesUnavailable(
+        "local",
+        [
+            ProbeResult(
+                "local",
+                False,
+                "no `redis-server` executable; looked at: " + ", ".join(map(str, paths)),
+                _INSTALL_FIX,
+            )
+        ],
+    )
+
+
+def probe_local(
+    env: Mapping[str, str],
+    *,
+    pg_search: Sequence[Path] | None = None,
+    redis_search: Sequence[Path] | None = None,
+) -> ProbeResult:
+    """Can the local backend work here? (both binaries present; run as root: a user to demote to)"""
+    problems: list[str] = []
+    found: list[str] = []
+    for finder, search in ((find_postgres_bindir, pg_search), (find_redis_server, redis_search)):
+        try:
+            found.append(str(finder(env, search)))
+        except ServicesUnavailable as exc:
+            problems.extend(a.detail for a in exc.attempts)
+    if problems:
+        return ProbeResult("local", False, "; ".join(problems), _INSTALL_FIX)
+    try:
+        _proc.unprivileged_user()
+    except RuntimeError as exc:
+        return ProbeResult("local", False, str(exc), "create a `postgres` user or run as non-root")
+    return ProbeResult("local", True, "found " + " and ".join(found))
+
+
+@functools.lru_cache(maxsize=8)
+def postgres_version(bindir: Path) -> str:
+    """'15.20' from `postgres --version` (safe to run as root)."""
+    out = subprocess.run(
+        [os.fspath(bindir / "postgres"), "--version"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    ).stdout
+    m = re.search(r"(\d+(?:\.\d+)+|\d+(?:beta|rc)\d+)", out)
+    return m.group(1) if m else "unknown"
+
+
+def default_cache_dir(env: Mapping[str, str]) -> Path:
+    """$XDG_CACHE_HOME/ingest-harness (default ~/.cache/ingest-harness)."""
+    base = env.get("XDG_CACHE_HOME") or os.path.join(
+        env.get("HOME") or os.path.expanduser("~"), ".cache"
+    )
+    return Path(base) / "ingest-harness"
+
+
+# --- Postgres ------------------------------------------------------------------------------------
+
+
+class _PortTaken(Exception):
+    """The server lost the race for its port; retry with another one."""
+
+
+class LocalPostgres:
+    """A throwaway Postgres cluster (trust auth, user ``postgres``) on a free loopback port.
+
+    ``with LocalPostgres() as pg: pg.admin_url`` -- start() cleans up after itself if it fails;
+    stop() is idempotent and never raises.
+    """
+
+    INITDB_ARGS = ("-A", "trust", "--no-sync", "-E", "UTF8", "--locale=C", "-U", "postgres")
+    # Durability is pointless for a throwaway cluster. DSM segments go in the data dir (mmap)
+    # rather than /dev/shm (posix) so a killed server leaves nothing outside its own dir.
+    SERVER_SETTINGS = (
+        "listen_addresses=127.0.0.1",
+        "fsync=off",
+        "synchronous_commit=off",
+        "full_page_writes=off",
+        "max_connections=200",
+        "dynamic_shared_memory_type=mmap",
+    )
+
+    def __init__(
+        self,
+        *,
+        bindir: Path | None = None,
+        workdir: Path | None = None,
+        cache_dir: Path | None = None,
+        use_cache: bool = True,
+        env: Mapping[str, str] | None = None,
+        startup_timeout: float = 30.0,
+        log: logging.Logger | None = None,
+    ) -> None:
+        self._env = dict(os.environ if env is None else env)
+        self._bindir = bindir
+        self._workdir = workdir
+        self._cache_dir = cache_dir
+        self._use_cache = use_cache
+        self._startup_timeout = startup_timeout
+        self._log = log or _proc.log
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._dir: Path | None = None
+        self.port: int | None = None
+        self.version: str = ""
+        self.from_template = False
+        self.startup_seconds = 0.0
+        self._publisher: threading.Thread | None = None
+
+    # -- public --
+
+    @property
+    def admin_url(self) -> str:
+        """``postgresql+psycopg2://postgres@127.0.0.1:PORT/postgres``."""
+        if self.port is None:
+            raise RuntimeError("LocalPostgres is not started")
+        return f"postgresql+psycopg2://postgres@127.0.0.1:{self.port}/postgres"
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    @property
+    def base_dir(self) -> Path | None:
+        """The temp dir holding data/, the logs and the socket; removed by stop()."""
+        return self._dir
+
+    @property
+    def log_path(self) -> Path | None:
+        return self._dir / "postgres.log" if self._dir else None
+
+    def url(self, database: str) -> str:
+        return self.admin_url.rsplit("/", 1)[0] + "/" + database
+
+    def start(self) -> LocalPostgres:
+        if self._proc is not None:
+            return self
+        _proc.track(self, self.stop)
+        try:
+            self._start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        """Fast shutdown (SIGINT), SIGKILL after a few seconds, remove the temp dir. Idempotent."""
+        # Claim each resource before releasing it, so a second (re-entrant, e.g. signal
+        # handler) call finds nothing left to do instead of doing it twice.
+        proc, self._proc = self._proc, None
+        base, self._dir = self._dir, None
+        self.port = None
+        try:
+            if proc is not None:
+                _proc.terminate(proc, "postgres", signal.SIGINT, _PG_STOP_TIMEOUT)
+        except Exception:
+            self._log.exception("error stopping postgres (pid %d)", proc.pid if proc else -1)
+        publisher, self._publisher = self._publisher, None
+        if publisher is not None:
+            publisher.join(_PUBLISH_WAIT)
+            if publisher.is_alive():
+                self._log.warning("still copying the template cache after %.0fs", _PUBLISH_WAIT)
+        if base is not None:
+            _proc.remove_tree(base, "postgres")
+        _proc.untrack(self)
+
+    def __enter__(self) -> LocalPostgres:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    # -- internals --
+
+    def _start(self) -> None:
+        t0 = time.perf_counter()
+        self.from_template = False
+        bindir = self._bindir or find_postgres_bindir(self._env)
+        run_as = _proc.unprivileged_user()
+        workdir = self._workdir or _proc.default_workdir()
+        try:
+            base = _proc.make_instance_dir(workdir, "pg", run_as)
+        except PermissionError as exc:
+            raise ServiceStartError(
+                f"cannot prepare a data directory for postgres under {workdir}: {exc}",
+                fix="pass a workdir every user can enter (e.g. /dev/shm or /tmp), "
+                "or run as a non-root user",
+            ) from exc
+        self._dir = base
+        data = base / "data"
+        version = postgres_version(bindir)
+        template = self._template_path(bindir, version)
+        if template is not None:
+            _await_publication(template)  # one started earlier in this process
+            if template.is_dir():
+                self.from_template = self._copy_template(template, data, run_as)
+        if not self.from_template:
+            self._initdb(bindir, data, run_as)
+            if template is not None:
+                self._publish_in_background(data, template, workdir)
+        self._run_server(bindir, base, data, run_as)
+        self.startup_seconds = time.perf_counter() - t0
+        self._log.info(
+            "postgres %s on 127.0.0.1:%d (pid %s, %s) ready in %.2fs",
+            self.version,
+            self.port,
+            self.pid,
+            "from cached template" if self.from_template else "fresh initdb",
+            self.startup_seconds,
+        )
+
+    def _template_path(self, bindir: Path, version: str) -> Path | None:
+        if not self._use_cache:
+            return None
+        cache = self._cache_dir or default_cache_dir(self._env)
+        # Same version from two installations, or changed initdb flags, must not share one.
+        identity = repr((str(bindir.resolve()), self.INITDB_ARGS)).encode()
+        key = hashlib.sha256(identity).hexdigest()[:8]
+        return cache / f"pgtemplate-{version}-{key}"
+
+    def _copy_template(self, template: Path, data: Path, run_as: _proc.RunAs | None) -> bool:
+        try:
+            shutil.copytree(template, data, symlinks=True)  # copy2: keeps the 0700 modes
+            if run_as is not None:
+                _proc.chown_tree(data, run_as.uid, run_as.gid)
+        except OSError as exc:
+            self._log.warning("cannot use cached cluster %s (%s); running initdb", template, exc)
+            _proc.remove_tree(data, "a partial template copy")
+            return False
+        return True
+
+    def _publish_in_background(self, data: Path, template: Path, workdir: Path) -> None:
+        """Snapshot the fresh cluster (tmpfs: ~0.05 s) and copy it into the cache in a thread.
+
+        The cache is usually on disk, where writing ~1000 files can take 0.5 s: the server need
+        not wait for that. stop() (and so the atexit backstop) waits for the copy to finish.
+        """
+        # Named like an instance dir, so the sweep removes it if we are killed mid-copy.
+        prefix = f"{_proc.DIR_PREFIX}{os.getpid()}-pg-tpl-"
+        stage: Path | None = None
+        try:
+            stage = Path(tempfile.mkdtemp(prefix=prefix, dir=workdir))
+            shutil.copytree(data, stage / "data", symlinks=True)
+        except OSError as exc:
+            self._log.warning("could not snapshot the initdb'd cluster for the cache: %s", exc)
+            if stage is not None:
+                _proc.remove_tree(stage, "a template snapshot")
+            return
+        thread = threading.Thread(
+            target=_publish_template,
+            args=(stage, template, self._log),
+            name=f"publish {template.name}",
+            daemon=True,
+        )
+        _publishing[template] = thread
+        self._publisher = thread
+        thread.start()
+
+    def _initdb(self, bindir: Path, data: Path, run_as: _proc.RunAs | None) -> None:
+        assert self._dir is not None
+        log_path = self._dir / "initdb.log"
+        proc = _proc.spawn(
+            [bindir / "initdb", *self.INITDB_ARGS, "-D", data],
+            log_path=log_path,
+            deathsig=signal.SIGKILL,
+            run_as=run_as,
+            cwd=self._dir,
+        )
+        try:
+            rc = proc.wait(timeout=max(60.0, self._startup_timeout))
+        except subprocess.TimeoutExpired:
+            _proc.terminate(proc, "initdb", signal.SIGTERM, 1.0)
+            rc = None
+        if rc != 0:
+            who = f" as user {run_as.name!r}" if run_as else ""
+            raise ServiceStartError(
+                f"initdb{who} failed ({'timed out' if rc is None else f'exit code {rc}'}) "
+                f"creating {data}",
+                checked=[f"binary: {bindir / 'initdb'}"],
+                fix="see the initdb output above",
+                log_tail=_proc.read_tail(log_path),
+                log_path=log_path,
+            )
+
+    def _socket_dir(self, base: Path) -> str:
+        # '' disables the unix socket (we only use TCP) when the path would be too long for it.
+        return str(base) if len(str(base)) <= _MAX_SOCKET_DIR else ""
+
+    def _run_server(self, bindir: Path, base: Path, data: Path, run_as: _proc.RunAs | None) -> None:
+        log_path = base / "postgres.log"
+        for attempt in range(1, _PORT_ATTEMPTS + 1):
+            port = _proc.pick_free_port()
+            argv: list[str | os.PathLike[str]] = [bindir / "postgres", "-D", data, "-p", str(port)]
+            argv += ["-k", self._socket_dir(base)]
+            for setting in self.SERVER_SETTINGS:
+                argv += ["-c", setting]
+            self._proc = _proc.spawn(
+                argv, log_path=log_path, deathsig=signal.SIGQUIT, run_as=run_as, cwd=base
+            )
+            self.port = port
+            try:
+                self.version = self._wait_ready(port, data, log_path)
+                return
+            except _PortTaken:
+                proc, self._proc = self._proc, None
+                _proc.terminate(proc, "postgres", signal.SIGINT, _PG_STOP_TIMEOUT)
+                self._log.info(
+                    "postgres lost port %d to another process (attempt %d)", port, attempt
+                )
+        raise ServiceStartError(
+            f"postgres could not bind a free loopback port in {_PORT_ATTEMPTS} attempts",
+            log_tail=_proc.read_tail(log_path),
+            log_path=log_path,
+            fix="something is grabbing ports quickly; retry",
+        )
+
+    def _wait_ready(self, port: int, data: Path, log_path: Path) -> str:
+        """Poll every 10 ms until a real connection works; return the server version.
+
+        Connections are only tried once postmaster.pid says "ready" (what pg_ctl -w reads):
+        a port squatter that accepts but never answers would otherwise cost libpq's minimum
+        2 s connect timeout, and each early attempt logs a "starting up" FATAL.
+        """
+        assert self._proc is not None
+        proc = self._proc
+        last_error = ""
+
+        def check() -> str | None:
+            nonlocal last_error
+            if proc.poll() is not None:
+                tail = _proc.read_tail(log_path)
+                if any(_BIND_FAILED.search(line) for line in tail):
+                    raise _PortTaken
+                raise ServiceStartError(
+                    f"postgres exited with code {proc.returncode} before accepting connections "
+                    f"on 127.0.0.1:{port}",
+                    checked=[f"data dir: {data}"],
+                    fix="read the server log lines below",
+                    log_tail=tail,
+                    log_path=log_path,
+                )
+            if _pidfile_status(data) not in ("ready", None):
+                return None
+            try:
+                conn = psycopg2.connect(
+                    host="127.0.0.1",
+                    port=port,
+                    user="postgres",
+                    dbname="postgres",
+                    connect_timeout=2,
+                )
+            except psycopg2.OperationalError as exc:
+                last_error = str(exc).strip()
+                return None
+            try:
+                with conn.cursor() as cur:
+                    cur.execute("SHOW data_directory")
+                    served = show_value(cur.fetchone())
+                    cur.execute("SHOW server_version")
+                    version: str = show_value(cur.fetchone())
+            finally:
+                conn.close()
+            if os.path.realpath(served) != os.path.realpath(data):
+                raise _PortTaken  # another postgres answered on "our" port
+            return version
+
+        version = _proc.poll_until(check, timeout=self._startup_timeout)
+        if version is None:
+            raise ServiceStartError(
+                f"postgres did not accept connections on 127.0.0.1:{port} "
+                f"within {self._startup_timeout:.0f}s",
+                checked=[f"last connection error: {last_error or 'none'}", f"data dir: {data}"],
+                fix="the machine may be overloaded; read the server log lines below",
+                log_tail=_proc.read_tail(log_path),
+                log_path=log_path,
+            )
+        return version
+
+
+def _pidfile_status(data: Path) -> str | None:
+    """postmaster.pid's status ('starting', 'ready', ...); '' before it exists; None: unreadable."""
+    try:
+        lines = (data / "postmaster.pid").read_text().splitlines()
+    except FileNotFoundError:
+        return ""
+    except OSError:
+        return None  # cannot tell: let the connection attempt decide
+    return lines[7].strip() if len(lines) >= 8 else ""
+
+
+# Template publications in flight in this process, so a second start waits for the first
+# one's copy instead of running initdb again.
+_publishing: dict[Path, threading.Thread] = {}
+_PUBLISH_WAIT = 60.0
+
+
+def _await_publication(template: Path) -> None:
+    thread = _publishing.get(template)
+    if thread is not None:
+        thread.join(_PUBLISH_WAIT)
+
+
+def _publish_template(stage: Path, template: Path, log: logging.Logger) -> None:
+    """Copy `stage`/data into the cache; the rename makes it appear whole or not at all."""
+    tmp = template.parent / f".{template.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    try:
+        template.parent.mkdir(parents=True, exist_ok=True)
+        _proc.sweep_stale_dirs(template.parent)
+        shutil.copytree(stage / "data", tmp, symlinks=True)
+        os.rename(tmp, template)
+    except OSError as exc:
+        if not template.is_dir():
+            log.warning("could not cache the initdb'd cluster at %s: %s", template, exc)
+        # else: another process published it first; theirs is as good as ours
+        _proc.remove_tree(tmp, "an unpublished template")
+    else:
+        log.info("cached an initdb'd cluster at %s", template)
+    finally:
+        _proc.remove_tree(stage, "a template snapshot")
+        _publishing.pop(template, None)
+
+
+# --- Redis ---------------------------------------------------------------------------------------
+
+
+class LocalRedis:
+    """A throwaway redis-server (no persistence) on a free loopback port."""
+
+    def __init__(
+        self,
+        *,
+        server: Path | None = None,
+        workdir: Path | None = None,
+        env: Mapping[str, str] | None = None,
+        startup_timeout: float = 15.0,
+        log: logging.Logger | None = None,
+    ) -> None:
+        self._env = dict(os.environ if env is None else env)
+        self._server = server
+        self._workdir = workdir
+        self._startup_timeout = startup_timeout
+        self._log = log or _proc.log
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._dir: Path | None = None
+        self.port: int | None = None
+        self.version = ""
+
+    @property
+    def url(self) -> str:
+        """``redis://127.0.0.1:PORT/0``."""
+        if self.port is None:
+            raise RuntimeError("LocalRedis is not started")
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    @property
+    def base_dir(self) -> Path | None:
+        return self._dir
+
+    def start(self) -> LocalRedis:
+        if self._proc is not None:
+            return self
+        _proc.track(self, self.stop)
+        try:
+            self._start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        """SIGTERM, SIGKILL after a few seconds, remove the temp dir. Idempotent, never raises."""
+        proc, self._proc = self._proc, None
+        base, self._dir = self._dir, None
+        self.port = None
+        try:
+            if proc is not None:
+                _proc.terminate(proc, "redis-server", signal.SIGTERM, _REDIS_STOP_TIMEOUT)
+        except Exception:
+            self._log.exception("error stopping redis-server (pid %d)", proc.pid if proc else -1)
+        if base is not None:
+            _proc.remove_tree(base, "redis")
+        _proc.untrack(self)
+
+    def __enter__(self) -> LocalRedis:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def _start(self) -> None:
+        t0 = time.perf_counter()
+        server = self._server or find_redis_server(self._env)
+        base = _proc.make_instance_dir(self._workdir or _proc.default_workdir(), "redis", None)
+        self._dir = base
+        log_path = base / "redis.log"
+        for attempt in range(1, _PORT_ATTEMPTS + 1):
+            port = _proc.pick_free_port()
+            argv: list[str | os.PathLike[str]] = [
+                server, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                "--appendonly", "no", "--dir", base, "--daemonize", "no", "--logfile", log_path,
+            ]  # fmt: skip
+            self._proc = _proc.spawn(argv, log_path=log_path, deathsig=signal.SIGKILL, cwd=base)
+            self.port = port
+            try:
+                self.version = self._wait_ready(port, log_path)
+                break
+            except _PortTaken:
+                proc, self._proc = self._proc, None
+                _proc.terminate(proc, "redis-server", signal.SIGTERM, _REDIS_STOP_TIMEOUT)
+                self._log.info("redis lost port %d to another process (attempt %d)", port, attempt)
+        else:
+            raise ServiceStartError(
+                f"redis-server could not bind a free loopback port in {_PORT_ATTEMPTS} attempts",
+                log_tail=_proc.read_tail(log_path),
+                log_path=log_path,
+                fix="something is grabbing ports quickly; retry",
+            )
+        self._log.info(
+            "redis %s on 127.0.0.1:%d (pid %s) ready in %.3fs",
+            self.version,
+            port,
+            self.pid,
+            time.perf_counter() - t0,
+        )
+
+    def _wait_ready(self, port: int, log_path: Path) -> str:
+        assert self._proc is not None
+        proc = self._proc
+        last_error = ""
+
+        def check() -> str | None:
+            nonlocal last_error
+            if proc.poll() is not None:
+                tail = _proc.read_tail(log_path)
+                if any(_BIND_FAILED.search(line) for line in tail):
+                    raise _PortTaken
+                raise ServiceStartError(
+                    f"redis-server exited with code {proc.returncode} before answering PING "
+                    f"on 127.0.0.1:{port}",
+                    fix="read the server log lines below",
+                    log_tail=tail,
+                    log_path=log_path,
+                )
+            # No retries: redis-py's default backoff could sleep past our deadline, and this
+            # loop is the retry. Short timeouts: whatever squats on a loopback port answers fast
+            # or never.
+            client = redis.Redis(
+                host="127.0.0.1",
+                port=port,
+                socket_connect_timeout=0.5,
+                socket_timeout=0.5,
+                retry=Retry(NoBackoff(), 0),
+            )
+            try:
+                client.ping()
+                info = client.info("server")
+            except redis.RedisError as exc:
+                last_error = str(exc)
+                return None
+            finally:
+                client.close()
+            if int(info.get("process_id", -1)) != proc.pid:
+                raise _PortTaken  # another redis answered on "our" port
+            return str(info.get("redis_version", "unknown"))
+
+        version = _proc.poll_until(check, timeout=self._startup_timeout)
+        if version is None:
+            raise ServiceStartError(
+                f"redis-server did not answer PING on 127.0.0.1:{port} "
+                f"within {self._startup_timeout:.0f}s",
+                checked=[f"last error: {last_error or 'none'}"],
+                fix="the machine may be overloaded; read the server log lines below",
+                log_tail=_proc.read_tail(log_path),
+                log_path=log_path,
+            )
+        return version
