@@ -1,0 +1,675 @@
+"""The ``harness`` command: ``harness matrix`` runs the scenarios over the loop-mode x pool x
+broker matrix and reports per cell; ``harness flake`` runs that matrix N times and lists every
+non-pass. Exit codes: 0 every selected cell passed, 1 something did not, 2 it could not run,
+130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import importlib.metadata
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final, cast
+
+import pytest
+
+from harness.config import ALL_LOOP_MODES, ALL_POOLS, BROKERS, ConfigError, HarnessConfig
+from harness.report import (
+    EXIT_ERROR,
+    EXIT_NOT_PASSED,
+    EXIT_OK,
+    MatrixCollector,
+    MatrixResult,
+    cell_label,
+    render_details,
+    render_table,
+    to_json,
+    write_json,
+)
+from harness.services import ServiceMode, Services, ServicesError, ServiceStack
+
+__all__ = ["build_parser", "main"]
+
+DEFAULT_SCENARIOS: Final = "scenarios"
+DEFAULT_MATRIX_REPORT: Final = "reports/matrix.json"
+DEFAULT_FLAKE_REPORT: Final = "reports/flake.json"
+DEFAULT_FLAKE_RUNS: Final = 20
+_NUMPROCESSES: Final = re.compile(r"\d+|auto|logical")
+_LOG_TAIL_LINES: Final = 30
+_FLAKE_MESSAGE_LINES: Final = 3
+EXIT_INTERRUPTED: Final = 130  # as a shell reports SIGINT
+
+_SCHEMA_HELP: Final = """\
+reports/matrix.json:
+  {"generated_at", "selected": {loop_modes, pools, brokers, services},
+   "versions": {python, celery, kombu, sqlalchemy, postgres, redis},
+   "cells": [{"loop_mode", "pool", "broker", "status": pass|fail|skipped|not_run,
+              "scenarios", "passed", "failed", "skipped", "median_run_ms",
+              "failures": [{"test", "message"}], "skip_reason"}],
+   "errors": [...], "tests": [{"test", "loop_mode", "pool", "broker", "outcome", "message",
+   "duration_s", "run_durations_ms"}], "pytest_exit_code", "exit_code"}
+
+reports/flake.json (harness flake):
+  {"generated_at", "runs", "completed_runs", "selected", "versions",
+   "run_results": [{"run", "exit_code", "passed", "failed", "skipped", "cells",
+                    "cells_passed", "duration_s", "report", "log"}],
+   "non_passes": [{"run", "loop_mode", "pool", "broker", "test", "outcome", "message"}],
+   "exit_code"}
+  each run is a fresh `harness matrix` process; its report and output are kept in
+  reports/flake-runs/run-NN.{json,log}.
+
+exit codes: 0 every selected cell passed; 1 a cell failed, was skipped or ran nothing;
+2 the matrix could not run (bad option, services unavailable, no scenario collected,
+collection error, pytest usage error or interruption inside pytest); 130 interrupted.
+
+Arguments after `--` go to pytest unchanged, after the harness's own (so `-- -m "..."`
+replaces the default `-m matrix`). -k narrows scenarios, not cells: a cell with no scenario
+left is "not_run"; narrow cells with --loop-mode/--pool/--broker.
+"""
+
+
+class UsageProblem(Exception):
+    """A command-line value the harness cannot use; the message names the fix."""
+
+
+# -- options --------------------------------------------------------------------------------
+
+
+def _add_common(
+    parser: argparse.ArgumentParser, *, default_report: str, beside_report: str
+) -> None:
+    cells = parser.add_argument_group("matrix cells (same names and values as the pytest plugin)")
+    cells.add_argument(
+        "--loop-mode",
+        metavar="MODES",
+        help="comma-separated or 'all': " + ", ".join(ALL_LOOP_MODES) + " (default: all)",
+    )
+    cells.add_argument(
+        "--pool",
+        metavar="POOLS",
+        help="comma-separated or 'all': "
+        + ", ".join(ALL_POOLS)
+        + " (default: prefork,solo,threads)",
+    )
+    cells.add_argument(
+        "--broker",
+        metavar="BROKERS",
+        help="comma-separated or 'all': " + ", ".join(BROKERS) + " (default: redis)",
+    )
+    run = parser.add_argument_group("running")
+    run.add_argument(
+        "--services",
+        metavar="MODE",
+        help="where Postgres and Redis come from: auto|docker|local|external (default: auto, "
+        "or HARNESS_SERVICES); started once here and shared with every pytest worker",
+    )
+    run.add_argument(
+        "--no-services",
+        action="store_true",
+        help="do not start services here; pytest gets --services as given (for tests of the "
+        "harness itself, or when HARNESS_*_URL already point at running servers)",
+    )
+    run.add_argument(
+        "-n",
+        "--numprocesses",
+        default="2",
+        metavar="N",
+        help="pytest-xdist workers: a number, 'auto' or 'logical'; 0 runs in this process "
+        "(default: 2)",
+    )
+    run.add_argument("-k", dest="keyword", metavar="EXPR", help="pytest -k expression")
+    run.add_argument(
+        "--scenarios",
+        default=DEFAULT_SCENARIOS,
+        metavar="PATH",
+        help=f"the scenarios to run (default: {DEFAULT_SCENARIOS})",
+    )
+    run.add_argument(
+        "--report",
+        default=default_report,
+        type=Path,
+        metavar="PATH",
+        help=f"where to write the JSON report (default: {default_report}); {beside_report}",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="harness",
+        description="Run the ingest scenarios over the loop-mode x pool x broker matrix.",
+        epilog=_SCHEMA_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    matrix = commands.add_parser(
+        "matrix",
+        help="run the matrix once: progress, a table, reports/matrix.json",
+        description="Start the services, run the scenarios over the selected cells, print a "
+        "table and write a JSON report. Usage: harness matrix [options] [-- pytest args]",
+        epilog=_SCHEMA_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_common(
+        matrix,
+        default_report=DEFAULT_MATRIX_REPORT,
+        beside_report="pytest's own output goes next to it as <name>-pytest.log",
+    )
+    flake = commands.add_parser(
+        "flake",
+        help="run the matrix N times in a row and list every non-pass",
+        description="Start the services once, run `harness matrix` N times (each in a fresh "
+        "process), print a line per run, then every non-pass with its run, cell and test; "
+        "writes reports/flake.json. Exit 0 only if there was none.",
+        epilog=_SCHEMA_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_common(
+        flake,
+        default_report=DEFAULT_FLAKE_REPORT,
+        beside_report="each run's report and output go to <name>-runs/run-NN.{json,log}",
+    )
+    flake.add_argument(
+        "--runs",
+        type=int,
+        default=DEFAULT_FLAKE_RUNS,
+        metavar="N",
+        help=f"how many times to run the matrix (default: {DEFAULT_FLAKE_RUNS})",
+    )
+    return parser
+
+
+@dataclass(frozen=True)
+class Options:
+    """The command line, validated and resolved once."""
+
+    command: str
+    config: HarnessConfig
+    numprocesses: str
+    keyword: str | None
+    scenarios: Path
+    report: Path
+    start_services: bool
+    runs: int
+    pytest_args: tuple[str, ...]
+
+    @property
+    def pytest_log(self) -> Path:
+        return self.report.with_name(self.report.stem + "-pytest.log")
+
+
+def parse_options(argv: Sequence[str]) -> Options:
+    """Parse and validate; argparse exits on syntax errors, `UsageProblem` on bad values."""
+    argv = list(argv)
+    # Everything after the first `--` belongs to pytest; argparse would try to read it.
+    own, extra = argv, []
+    if "--" in argv:
+        cut = argv.index("--")
+        own, extra = argv[:cut], argv[cut + 1 :]
+    ns = build_parser().parse_args(own)
+    given = {
+        "loop_mode": ns.loop_mode,
+        "pool": ns.pool,
+        "broker": ns.broker,
+        "services": ns.services,
+    }
+    try:
+        # The same precedence as the pytest plugin (option > ini > HARNESS_* env); the plugin
+        # then gets every value explicitly, so the table and pytest agree on the cells.
+        config = HarnessConfig.resolve(get_option=given.get, get_ini=lambda name: None)
+    except ConfigError as exc:
+        raise UsageProblem(str(exc)) from None
+    if not _NUMPROCESSES.fullmatch(ns.numprocesses):
+        raise UsageProblem(
+            f"-n/--numprocesses: {ns.numprocesses!r} is not a worker count; use a number "
+            "(0 runs without xdist), 'auto' or 'logical'"
+        )
+    runs = getattr(ns, "runs", 1)
+    if runs < 1:
+        raise UsageProblem(f"--runs: {runs} is not a number of runs; use 1 or more")
+    scenarios = Path(ns.scenarios)
+    if not scenarios.exists():
+        raise UsageProblem(
+            f"--scenarios: {str(scenarios)!r} does not exist (looked in {Path.cwd()}); run "
+            "from the project root or pass --scenarios PATH"
+        )
+    return Options(
+        command=ns.command,
+        config=config,
+        numprocesses=ns.numprocesses,
+        keyword=ns.keyword,
+        scenarios=scenarios,
+        report=ns.report,
+        start_services=not ns.no_services,
+        runs=runs,
+        pytest_args=tuple(extra),
+    )
+
+
+# -- services and environment ---------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _services(opts: Options) -> Iterator[Services | None]:
+    """The services for this command, started once; None with --no-services."""
+    if not opts.start_services:
+        print(
+            f"services: not started here (--no-services); pytest gets --services="
+            f"{opts.config.services}"
+        )
+        yield None
+        return
+    print(f"starting services ({opts.config.services})...", flush=True)
+    # HarnessConfig has validated the name against the same list ServiceStack accepts.
+    with ServiceStack(cast(ServiceMode, opts.config.services)) as services:
+        print(services.describe(), flush=True)
+        yield services
+
+
+def _service_env(services: Services | None) -> dict[str, str | None]:
+    """HARNESS_*_URL for the pytest session: each xdist worker's external backend then makes
+    its own database on this server (hence the admin URL, not our own database's)."""
+    if services is None:
+        return {}
+    return {
+        "HARNESS_DATABASE_URL": services.postgres_admin_url,
+        "HARNESS_REDIS_URL": services.redis_url,
+        "HARNESS_AMQP_URL": services.amqp_url,
+    }
+
+
+@contextlib.contextmanager
+def _patched_environ(updates: Mapping[str, str | None]) -> Iterator[None]:
+    """Set (or, for None, unset) variables for the duration; xdist workers inherit them."""
+    saved = {name: os.environ.get(name) for name in updates}
+    try:
+        for name, value in updates.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        yield
+    finally:
+        for name, old in saved.items():
+            if old is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = old
+
+
+def _package_version(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def versions(services: Services | None) -> dict[str, str | None]:
+    return {
+        "python": platform.python_version(),
+        "celery": _package_version("celery"),
+        "kombu": _package_version("kombu"),
+        "sqlalchemy": _package_version("sqlalchemy"),
+        "postgres": services.postgres_version if services else None,
+        "redis": services.redis_version if services else None,
+    }
+
+
+# -- harness matrix -------------------------------------------------------------------------
+
+
+def pytest_arguments(opts: Options, *, services_started: bool) -> list[str]:
+    config = opts.config
+    args = [
+        str(opts.scenarios),
+        "-p",
+        "no:cacheprovider",
+        "-m",
+        "matrix",
+        # Started here: every session (and xdist worker) uses them by URL.
+        f"--services={'external' if services_started else config.services}",
+        f"--loop-mode={','.join(config.loop_modes)}",
+        f"--pool={','.join(config.pools)}",
+        f"--broker={','.join(config.brokers)}",
+    ]
+    if opts.numprocesses != "0":
+        args += ["-n", opts.numprocesses]
+    if opts.keyword:
+        args += ["-k", opts.keyword]
+    args += opts.pytest_args
+    return args
+
+
+def run_pytest(args: Sequence[str], collector: MatrixCollector, log_path: Path) -> int:
+    """pytest in this process, its terminal output into `log_path`.
+
+    The collector prints the progress lines to the real stdout; pytest's own reporter (dots,
+    tracebacks, summary) would interleave with them, so it writes to the log, which keeps
+    every full traceback. Usage errors still reach the console: pytest prints them to stderr.
+    """
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("w", encoding="utf-8") as log, contextlib.redirect_stdout(log):
+        return int(pytest.main(list(args), plugins=[collector]))
+
+
+def _tail(path: Path, lines: int = _LOG_TAIL_LINES) -> str:
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def _pytest_errors(opts: Options, exit_code: int, collector: MatrixCollector) -> list[str]:
+    """What went wrong outside any test, said so that it cannot be mistaken for a pass."""
+    errors = list(collector.collection_errors)
+    args_hint = "check the arguments after `--`" if opts.pytest_args else "check -k and -n"
+    if exit_code == pytest.ExitCode.NO_TESTS_COLLECTED:
+        narrowed = f" with -k {opts.keyword!r}" if opts.keyword else ""
+        errors.append(
+            f"no matrix scenario was collected from {opts.scenarios}{narrowed}: the scenarios "
+            "must take the `matrix_cell` fixture (marked `matrix`); check --scenarios and -k"
+        )
+    elif exit_code not in (pytest.ExitCode.OK, pytest.ExitCode.TESTS_FAILED) and not errors:
+        try:
+            name = pytest.ExitCode(exit_code).name
+        except ValueError:  # a plugin's own code
+            name = "?"
+        if exit_code == pytest.ExitCode.USAGE_ERROR:
+            # pytest printed the reason to stderr, which is not redirected: point at it.
+            errors.append(f"pytest rejected its arguments (see its error above): {args_hint}")
+            return errors
+        tail = _tail(opts.pytest_log)
+        errors.append(
+            f"pytest stopped with exit code {exit_code} ({name}); full output in "
+            f"{opts.pytest_log}" + (f"\n{tail}" if tail else "")
+        )
+    return errors
+
+
+def _verdict(result: MatrixResult) -> str:
+    cells = result.cells()
+    counts = {
+        status: sum(c.status == status for c in cells)
+        for status in ("pass", "fail", "skipped", "not_run")
+    }
+    detail = ", ".join(f"{n} {status}" for status, n in counts.items() if n)
+    word = {EXIT_OK: "PASS", EXIT_NOT_PASSED: "FAIL", EXIT_ERROR: "ERROR"}[result.exit_code]
+    return f"matrix: {word} ({_cells_text(len(cells))}: {detail or 'none'})"
+
+
+def _cells_text(count: int) -> str:
+    return f"{count} cell" if count == 1 else f"{count} cells"
+
+
+def run_matrix(opts: Options, services: Services | None) -> MatrixResult:
+    """One matrix run in this process: progress lines, then the table, details and JSON."""
+    config = opts.config
+    print(
+        f"harness matrix: {_cells_text(len(config.cells()))} ({', '.join(config.loop_modes)} x "
+        f"{', '.join(config.pools)} x {', '.join(config.brokers)}); scenarios: "
+        f"{opts.scenarios}; -n {opts.numprocesses}",
+        flush=True,
+    )
+    collector = MatrixCollector(stream=sys.stdout)
+    args = pytest_arguments(opts, services_started=services is not None)
+    with _patched_environ(_service_env(services)):
+        exit_code = run_pytest(args, collector, opts.pytest_log)
+    collector.flush_pending()
+    result = MatrixResult.from_config(
+        config,
+        collector.records,
+        errors=_pytest_errors(opts, exit_code, collector),
+        pytest_exit_code=exit_code,
+    )
+    print()
+    print(render_table(result))
+    details = render_details(result)
+    if details:
+        print()
+        print(details)
+    write_json(opts.report, to_json(result, versions(services)))
+    print()
+    print(f"report: {opts.report}   pytest output: {opts.pytest_log}")
+    print(_verdict(result), flush=True)
+    return result
+
+
+def _cmd_matrix(opts: Options) -> int:
+    with _services(opts) as services:
+        return run_matrix(opts, services).exit_code
+
+
+# -- harness flake --------------------------------------------------------------------------
+
+
+def _child_argv(opts: Options, report: Path, *, services_started: bool) -> list[str]:
+    """`harness matrix` with the same options, for one run in a fresh process.
+
+    A fresh process per run keeps runs independent (imported modules, Celery app state and
+    leaked threads of one run cannot make the next one pass or fail), like `make matrix`
+    typed 20 times, while the services started once here are reused through the env.
+    """
+    config = opts.config
+    argv = [
+        sys.executable,
+        "-m",
+        "harness",
+        "matrix",
+        "--no-services",
+        f"--services={'external' if services_started else config.services}",
+        f"--loop-mode={','.join(config.loop_modes)}",
+        f"--pool={','.join(config.pools)}",
+        f"--broker={','.join(config.brokers)}",
+        f"--numprocesses={opts.numprocesses}",
+        f"--scenarios={opts.scenarios}",
+        f"--report={report}",
+    ]
+    if opts.keyword:
+        argv += ["-k", opts.keyword]
+    if opts.pytest_args:
+        argv += ["--", *opts.pytest_args]
+    return argv
+
+
+def _read_report(path: Path) -> dict[str, Any] | None:
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return document if isinstance(document, dict) else None
+
+
+def _non_passes(
+    run: int, document: dict[str, Any] | None, exit_code: int, log: Path
+) -> list[dict[str, Any]]:
+    """Every test, cell or error of one run that was not a pass, as flake.json lists them."""
+
+    def entry(
+        outcome: str, message: str | None, test: str | None = None, cell: Any = None
+    ) -> dict[str, Any]:
+        mode, pool, broker = cell if cell else (None, None, None)
+        return {
+            "run": run,
+            "loop_mode": mode,
+            "pool": pool,
+            "broker": broker,
+            "test": test,
+            "outcome": outcome,
+            "message": message,
+        }
+
+    if document is None:
+        tail = _tail(log, 10)
+        return [
+            entry(
+                "error",
+                f"the run wrote no report (exit code {exit_code}); output in {log}"
+                + (f"\n{tail}" if tail else ""),
+            )
+        ]
+    found = [entry("error", str(error)) for error in document.get("errors", [])]
+    for test in document.get("tests", []):
+        if test.get("outcome") != "passed":
+            cell = (test.get("loop_mode"), test.get("pool"), test.get("broker"))
+            found.append(entry(test["outcome"], test.get("message"), test.get("test"), cell))
+    for cell in document.get("cells", []):
+        if cell.get("status") == "not_run":
+            where = (cell.get("loop_mode"), cell.get("pool"), cell.get("broker"))
+            found.append(entry("not_run", "no scenario ran in this cell", cell=where))
+    if exit_code != EXIT_OK and not found:
+        found.append(entry("error", f"harness matrix exited {exit_code}; output in {log}"))
+    return found
+
+
+def _run_summary(
+    run: int, document: dict[str, Any] | None, exit_code: int, seconds: float
+) -> dict[str, Any]:
+    tests = document.get("tests", []) if document else []
+    cells = document.get("cells", []) if document else []
+    return {
+        "run": run,
+        "exit_code": exit_code,
+        "passed": sum(t.get("outcome") == "passed" for t in tests),
+        "failed": sum(t.get("outcome") == "failed" for t in tests),
+        "skipped": sum(t.get("outcome") == "skipped" for t in tests),
+        "cells": len(cells),
+        "cells_passed": sum(c.get("status") == "pass" for c in cells),
+        "duration_s": round(seconds, 2),
+    }
+
+
+def _summary_line(summary: dict[str, Any], runs: int) -> str:
+    word = {EXIT_OK: "pass", EXIT_NOT_PASSED: "FAIL"}.get(summary["exit_code"], "ERROR")
+    width = len(str(runs))
+    return (
+        f"run {summary['run']:>{width}}/{runs}  {word:<5}  {summary['passed']} passed, "
+        f"{summary['failed']} failed, {summary['skipped']} skipped  "
+        f"({summary['cells_passed']}/{summary['cells']} cells pass)  {summary['duration_s']:.1f}s"
+    )
+
+
+def _non_pass_text(item: Mapping[str, Any]) -> str:
+    """``run 3  running_loop/prefork/redis  <test id>  FAILED`` and the message's first lines."""
+    if item["loop_mode"] is None:
+        label = "-"
+    else:
+        label = cell_label((item["loop_mode"], item["pool"], item["broker"]))
+    lines = [f"  run {item['run']}  {label}  {item['test'] or '-'}  {item['outcome'].upper()}"]
+    message = [line for line in (item["message"] or "").splitlines() if line.strip()]
+    lines.extend(f"      {line}" for line in message[:_FLAKE_MESSAGE_LINES])
+    if len(message) > _FLAKE_MESSAGE_LINES:
+        lines.append("      ... (the whole message is in the JSON report)")
+    return "\n".join(lines)
+
+
+def _cmd_flake(opts: Options) -> int:
+    runs_dir = opts.report.with_name(opts.report.stem + "-runs")
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    summaries: list[dict[str, Any]] = []
+    non_passes: list[dict[str, Any]] = []
+    interrupted = False
+    with _services(opts) as services:
+        env = dict(os.environ)
+        for name, value in _service_env(services).items():
+            if value is None:
+                env.pop(name, None)
+            else:
+                env[name] = value
+        print(
+            f"harness flake: {opts.runs} runs of {_cells_text(len(opts.config.cells()))}; "
+            f"each run's output in {runs_dir}/",
+            flush=True,
+        )
+        for run in range(1, opts.runs + 1):
+            report = runs_dir / f"run-{run:02d}.json"
+            log = runs_dir / f"run-{run:02d}.log"
+            report.unlink(missing_ok=True)  # a stale report must not stand in for a dead run
+            argv = _child_argv(opts, report, services_started=services is not None)
+            started = time.monotonic()
+            try:
+                with log.open("w", encoding="utf-8") as out:
+                    code = subprocess.run(
+                        argv, stdout=out, stderr=subprocess.STDOUT, env=env, check=False
+                    ).returncode
+            except KeyboardInterrupt:
+                interrupted = True
+                print(f"interrupted during run {run}; reporting the runs before it")
+                break
+            document = _read_report(report)
+            summary = _run_summary(run, document, code, time.monotonic() - started)
+            summary.update(report=str(report), log=str(log))
+            summaries.append(summary)
+            non_passes.extend(_non_passes(run, document, code, log))
+            print(_summary_line(summary, opts.runs), flush=True)
+        service_versions = versions(services)
+
+    if non_passes:
+        print(f"\n{len(non_passes)} non-pass(es):")
+        for item in non_passes:
+            print(_non_pass_text(item))
+    exit_code = EXIT_INTERRUPTED if interrupted else (EXIT_NOT_PASSED if non_passes else EXIT_OK)
+    config = opts.config
+    write_json(
+        opts.report,
+        {
+            "generated_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            "runs": opts.runs,
+            "completed_runs": len(summaries),
+            "selected": {
+                "loop_modes": list(config.loop_modes),
+                "pools": list(config.pools),
+                "brokers": list(config.brokers),
+                "services": config.services,
+            },
+            "versions": service_versions,
+            "run_results": summaries,
+            "non_passes": non_passes,
+            "exit_code": exit_code,
+        },
+    )
+    verdict = "PASS" if exit_code == EXIT_OK else "FAIL"
+    print(
+        f"\nreport: {opts.report}\nflake: {verdict} ({len(non_passes)} non-passes in "
+        f"{len(summaries)} runs)",
+        flush=True,
+    )
+    return exit_code
+
+
+# -- entry point ----------------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`harness matrix|flake [options] [-- pytest args]`; returns the exit code."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    prog = "harness " + (args[0] if args and args[0] in ("matrix", "flake") else "")
+    try:
+        opts = parse_options(args)
+    except SystemExit as exc:  # argparse: --help (0) or a syntax error (2, already printed)
+        return exc.code if isinstance(exc.code, int) else EXIT_ERROR
+    except UsageProblem as exc:
+        print(f"{prog.strip()}: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    try:
+        if opts.command == "flake":
+            return _cmd_flake(opts)
+        return _cmd_matrix(opts)
+    except ServicesError as exc:
+        print(f"{prog.strip()}: services could not start:\n{exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        # Reached only outside pytest (which reports its own interruption): services were
+        # starting or stopping, and the context managers have cleaned up by now.
+        print(f"{prog.strip()}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
