@@ -20,7 +20,7 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final, cast
+from typing import Any, Final
 
 import pytest
 
@@ -37,7 +37,7 @@ from harness.report import (
     to_json,
     write_json,
 )
-from harness.services import ServiceMode, Services, ServicesError, ServiceStack
+from harness.services import Services, ServicesError, ServiceStack
 
 __all__ = ["build_parser", "main"]
 
@@ -270,8 +270,7 @@ def _services(opts: Options) -> Iterator[Services | None]:
         yield None
         return
     print(f"starting services ({opts.config.services})...", flush=True)
-    # HarnessConfig has validated the name against the same list ServiceStack accepts.
-    with ServiceStack(cast(ServiceMode, opts.config.services)) as services:
+    with ServiceStack(opts.config.services) as services:
         print(services.describe(), flush=True)
         yield services
 

@@ -444,7 +444,6 @@ class MatrixResult:
     def selected_cells(self) -> list[Cell]:
         """The cells in HarnessConfig.cells() order (the order the plugin parametrizes in)."""
         return HarnessConfig(
-            services=self.services,
             loop_modes=self.loop_modes,
             pools=self.pools,
             brokers=self.brokers,
