@@ -23,3 +23,6 @@ def configure_logging(level: str | int = "INFO", logger: logging.Logger | None =
     for handler in target.handlers:
         handler.setFormatter(make_formatter())
     target.setLevel(level)
+    # One INFO line per HTTP request would bury the runbook's lines in the worker log.
+    for noisy in ("httpx", "httpcore"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
