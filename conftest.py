@@ -1,9 +1,15 @@
 """Root conftest: wires the thin fixtures in ``fixtures/`` (the logic lives in ``harness/``)."""
 
+import freezegun
+
 pytest_plugins = [
     "fixtures.db",
     "fixtures.marketplace",
     "fixtures.app",
     "fixtures.api",
-    "fixtures.worker",
 ]
+
+# freezegun scans every loaded module's attributes when it starts; reading testcontainers'
+# config object there makes docker-py probe for an engine and leak a socket (a ResourceWarning,
+# an error here) when none answers.
+freezegun.configure(extend_ignore_list=["testcontainers", "docker"])

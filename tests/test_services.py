@@ -65,11 +65,15 @@ def _wait_gone(procs: list[psutil.Process], timeout: float) -> list[psutil.Proce
         time.sleep(0.05)
 
 
-def _server_children(root: psutil.Process) -> list[psutil.Process]:
+def _server_children(
+    root: psutil.Process, *, besides: set[int] | frozenset[int] = frozenset()
+) -> list[psutil.Process]:
+    """Postgres/Redis processes under ``root``, leaving out ``besides`` (servers that were
+    already running, such as the session's own stack when other tests used it)."""
     found = []
     for p in root.children(recursive=True):
         try:
-            if p.name().startswith(("postgres", "redis-server")):
+            if p.pid not in besides and p.name().startswith(("postgres", "redis-server")):
                 found.append(p)
         except psutil.NoSuchProcess:
             pass
@@ -302,6 +306,7 @@ def test_errors_survive_pickling() -> None:
 def test_local_stack_serves_real_postgres_and_redis_and_stop_leaves_nothing(
     base_env: dict[str, str], workdir: Path
 ) -> None:
+    earlier = {p.pid for p in _server_children(psutil.Process())}
     stack = ServiceStack("local", workdir=workdir, env=base_env)
     svc = stack.start()
     try:
@@ -330,7 +335,7 @@ def test_local_stack_serves_real_postgres_and_redis_and_stop_leaves_nothing(
         finally:
             client.close()
 
-        servers = _server_children(psutil.Process())
+        servers = _server_children(psutil.Process(), besides=earlier)
         names = {p.name() for p in servers}
         assert any(n.startswith("postgres") for n in names) and "redis-server" in names
         kinds = sorted(d.name.split("-")[3] for d in workdir.iterdir())
@@ -347,9 +352,10 @@ def test_local_stack_serves_real_postgres_and_redis_and_stop_leaves_nothing(
 def test_stop_from_a_signal_handler_that_interrupts_stop(
     base_env: dict[str, str], workdir: Path
 ) -> None:
+    earlier = {p.pid for p in _server_children(psutil.Process())}
     stack = ServiceStack("local", workdir=workdir, env=base_env)
     stack.start()
-    servers = _server_children(psutil.Process())
+    servers = _server_children(psutil.Process(), besides=earlier)
     calls: list[str] = []
 
     def handler(signum: int, frame: object) -> None:
