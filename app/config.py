@@ -75,7 +75,8 @@ class Settings(BaseSettings):
                 ids = frozenset(int(p) for p in projects.split(",") if p.strip())
             except ValueError as exc:
                 raise ValueError(
-                    f"APP_API_TOKENS: project ids must be integers or '*' (entry #{len(scopes) + 1})"
+                    "APP_API_TOKENS: project ids must be integers or '*' "
+                    f"(entry #{len(scopes) + 1})"
                 ) from exc
             scopes[token] = ids
         return scopes

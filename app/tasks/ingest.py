@@ -73,7 +73,9 @@ def _claim(run_id: int, celery_task_id: str | None) -> JobContext | None:
     if row is None:
         return None
     return JobContext(
-        run_id=run_id, project_id=row.project_id, marketplace_code=row.marketplace_code,
+        run_id=run_id,
+        project_id=row.project_id,
+        marketplace_code=row.marketplace_code,
         job_code=row.job_code,
     )
 
@@ -81,9 +83,9 @@ def _claim(run_id: int, celery_task_id: str | None) -> JobContext | None:
 def _current_status(run_id: int) -> str | None:
     with get_engine().connect() as conn:
         row = conn.execute(
-            IngestRun.__table__.select().with_only_columns(IngestRun.status).where(
-                IngestRun.id == run_id
-            )
+            IngestRun.__table__.select()
+            .with_only_columns(IngestRun.status)
+            .where(IngestRun.id == run_id)
         ).first()
     return None if row is None else str(row.status)
 
@@ -122,7 +124,10 @@ def _finish(run_id: int, status: str, *, stats: dict[str, Any] | None, error: st
                 last = exc
         logger.warning(
             "Run %s: could not record its end (attempt %d of %d): %s",
-            run_id, attempt, _FINISH_ATTEMPTS, describe_error(last, 300),
+            run_id,
+            attempt,
+            _FINISH_ATTEMPTS,
+            describe_error(last, 300),
         )
         time.sleep(_FINISH_BACKOFF_S * attempt)
     assert last is not None
@@ -165,7 +170,9 @@ class _Heartbeat:
                     )
             except SQLAlchemyError as exc:
                 # A missed beat is not fatal; the next one may succeed.
-                logger.warning("Run %s: heartbeat failed: %s", self._run_id, describe_error(exc, 300))
+                logger.warning(
+                    "Run %s: heartbeat failed: %s", self._run_id, describe_error(exc, 300)
+                )
 
 
 def run_ingest(run_id: int, *, celery_task_id: str | None = None) -> RunOutcome:
@@ -174,7 +181,8 @@ def run_ingest(run_id: int, *, celery_task_id: str | None = None) -> RunOutcome:
     if ctx is None:
         status = _current_status(run_id)
         logger.info(
-            "Run %s is not queued (status: %s); not executing it again", run_id,
+            "Run %s is not queued (status: %s); not executing it again",
+            run_id,
             status if status is not None else "no such run",
         )
         return RunOutcome(run_id=run_id, status="skipped")

@@ -54,9 +54,7 @@ def upgrade() -> None:
         unique=True,
         postgresql_where=sa.text("status IN ('queued', 'running')"),
     )
-    op.create_index(
-        "ix_ingest_runs_project_created", "ingest_runs", ["project_id", "created_at"]
-    )
+    op.create_index("ix_ingest_runs_project_created", "ingest_runs", ["project_id", "created_at"])
     op.create_index("ix_ingest_runs_status_heartbeat", "ingest_runs", ["status", "heartbeat_at"])
 
     op.create_table(
