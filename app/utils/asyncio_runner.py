@@ -1,0 +1,214 @@
+"""Run a coroutine to completion from synchronous code, whether or not this thread has a loop.
+
+Celery tasks are synchronous but call async job code, and the same task code also runs under
+callers that already have a running event loop (pytest-asyncio, uvicorn, nested helpers), where a
+plain ``asyncio.run()`` raises; this module picks a safe strategy for each case.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import inspect
+import itertools
+import logging
+import threading
+from collections.abc import Coroutine, Mapping
+from typing import Any, Generic, TypeVar, cast
+
+__all__ = ["run_async_safe"]
+
+T = TypeVar("T")
+
+logger = logging.getLogger(__name__)
+
+# The waiting caller wakes up this often so that exceptions raised by signal handlers (Celery's
+# SoftTimeLimitExceeded, KeyboardInterrupt) surface promptly on every platform.
+_POLL_SECONDS = 0.05
+# After cancelling the coroutine we give it this long to unwind; a coroutine that swallows
+# cancellation must not be able to hold the caller (and its time limit) hostage.
+_CANCEL_GRACE_SECONDS = 5.0
+
+_thread_numbers = itertools.count(1)
+
+_PENDING = "pending"
+_RUNNING = "running"
+_DONE = "done"
+_ABANDONED = "abandoned"
+
+
+def _describe(obj: object) -> str:
+    try:
+        text = repr(obj)
+    except Exception:  # a broken __repr__ must not hide the real mistake
+        text = f"<{type(obj).__qualname__} object (repr failed)>"
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def _not_a_coroutine(obj: object) -> TypeError:
+    given = f"got {type(obj).__name__}: {_describe(obj)}"
+    name = getattr(obj, "__name__", None)
+    if inspect.iscoroutinefunction(obj) and isinstance(name, str):
+        hint = f"that is an async function, not a coroutine: pass {name}(), not {name}"
+    else:
+        hint = "pass a coroutine object, i.e. call the async function: coro(), not coro"
+    return TypeError(f"run_async_safe() expects a coroutine object, {given} ({hint})")
+
+
+class _ThreadCall(Generic[T]):
+    """One coroutine run on a private loop in a private thread, plus the caller's handle on it.
+
+    All state transitions happen under ``_lock`` so the caller can cancel (or abandon) the
+    coroutine at any moment without racing the helper thread's start-up or shutdown.
+    """
+
+    def __init__(
+        self,
+        coro: Coroutine[Any, Any, T],
+        ctx: contextvars.Context,
+        debug: bool,
+    ) -> None:
+        self._coro = coro
+        self._ctx = ctx
+        self._debug = debug
+        self._lock = threading.Lock()
+        self._state = _PENDING
+        self._task: asyncio.Task[T] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.done = threading.Event()
+        self.result: T | None = None
+        self.error: BaseException | None = None
+
+    def thread_main(self) -> None:
+        try:
+            # Same Runner set-up as the no-loop path, so both paths give the coroutine the same
+            # environment: a running loop, but no "current loop" set for the thread.
+            with asyncio.Runner(debug=self._debug, loop_factory=asyncio.new_event_loop) as runner:
+                self.result = runner.run(self._supervise(), context=self._ctx)
+        except BaseException as exc:  # everything, incl. KeyboardInterrupt, goes to the caller
+            self.error = exc
+        finally:
+            with self._lock:
+                never_started = self._state == _PENDING
+                if never_started:
+                    self._state = _ABANDONED
+            if never_started:
+                # The loop could not even be created; close the coroutine so it does not
+                # trigger a "never awaited" warning on top of the real error.
+                self._coro.close()
+            self.done.set()
+
+    async def _supervise(self) -> T:
+        with self._lock:
+            if self._state != _PENDING:
+                # The caller gave up before we got here and has closed the coroutine.
+                raise asyncio.CancelledError
+            self._state = _RUNNING
+            self._task = cast("asyncio.Task[T]", asyncio.current_task())
+            self._loop = asyncio.get_running_loop()
+        try:
+            return await self._coro
+        finally:
+            with self._lock:
+                self._state = _DONE
+                self._task = None
+
+    def abort(self) -> None:
+        """Called from the caller thread when it is interrupted while waiting."""
+        close_coro = False
+        with self._lock:
+            if self._state == _PENDING:
+                self._state = _ABANDONED
+                close_coro = True
+            elif self._state == _RUNNING and self._task is not None and self._loop is not None:
+                # Holding the lock guarantees the task is still inside ``await coro``, so the
+                # loop is running and cannot be closed under our feet.
+                self._loop.call_soon_threadsafe(self._task.cancel)
+        if close_coro:
+            self._coro.close()
+
+
+def _run_in_helper_thread(coro: Coroutine[Any, Any, T], debug: bool) -> T:
+    # Copy the caller's context here, in the caller's thread: a worker thread has its own,
+    # empty context, which is how executor-based runners lose request/run ids.
+    call = _ThreadCall(coro, contextvars.copy_context(), debug)
+    # A fresh thread per call (never a shared pool): a coroutine running here may itself call
+    # sync code that calls run_async_safe again, and callers in other threads must not queue
+    # behind us.
+    thread = threading.Thread(
+        target=call.thread_main,
+        name=f"run_async_safe-{next(_thread_numbers)}",
+        daemon=True,  # a wedged coroutine must never keep the worker process from exiting
+    )
+    try:
+        thread.start()
+        # Wait on our own Event, not Thread.join(): on 3.11 a join() interrupted by a signal
+        # handler's exception can mark a still-running thread as stopped (the bpo-45274
+        # handling), and is_alive() would then lie to the clean-up below.
+        while not call.done.wait(_POLL_SECONDS):
+            pass
+        thread.join()
+    except BaseException:
+        call.abort()
+        if thread.is_alive() and call.done.wait(_CANCEL_GRACE_SECONDS):
+            thread.join(_CANCEL_GRACE_SECONDS)
+        raise
+    error = call.error
+    if error is not None:
+        # Drop our references so the traceback -> frame -> call -> error cycle is not created.
+        call.error = None
+        try:
+            raise error
+        finally:
+            del error
+    return cast(T, call.result)
+
+
+def run_async_safe(
+    coro: Coroutine[Any, Any, T],
+    *,
+    context: Mapping[str, object] | None = None,
+) -> T:
+    """Run ``coro`` to completion from synchronous code and return its result.
+
+    * No event loop running in this thread: run it on a fresh loop in this thread.
+    * A loop already running in this thread (we were called from sync code under it): run it on
+      a fresh loop in a fresh daemon thread and block until it is done.
+
+    In both cases the caller's contextvars are visible to the coroutine, exceptions (including
+    ``BaseException`` subclasses) propagate unchanged, and an event loop merely *set* for this
+    thread is left set and open. If the caller is interrupted while waiting on the thread path
+    (a signal handler raising, e.g. Celery's ``SoftTimeLimitExceeded``), the coroutine is
+    cancelled, given a bounded time to unwind, and the interrupting exception is re-raised.
+
+    ``context`` is only used for the log line, to tie it to a job run.
+    """
+    # Check first, before logging or touching any loop: a mistaken argument must not run
+    # anything. collections.abc.Coroutine (not asyncio.iscoroutine) because the latter also
+    # accepts plain generators on 3.11.
+    obj: object = coro
+    if not isinstance(obj, Coroutine):
+        raise _not_a_coroutine(obj)
+
+    try:
+        running_loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+    except RuntimeError:
+        running_loop = None
+
+    if running_loop is None:
+        logger.info(
+            "run_async_safe: detected_running_loop=False, using asyncio.run() (context: %r)",
+            context,
+        )
+        # Not asyncio.run(): it installs its loop as the thread's current loop and then sets
+        # it to None, clobbering a loop a library had set (but not started) for this thread.
+        with asyncio.Runner(loop_factory=asyncio.new_event_loop) as runner:
+            return runner.run(coro, context=contextvars.copy_context())
+
+    # The wording "thread pool" is part of the specified log line; it is in fact one fresh
+    # thread per call.
+    logger.info(
+        "run_async_safe: detected_running_loop=True, using thread pool (context: %r)",
+        context,
+    )
+    return _run_in_helper_thread(coro, running_loop.get_debug())
