@@ -1,0 +1,192 @@
+"""The event-loop conditions the task body is run under, and the function that forces one.
+
+``run_in_mode`` is what the worker-side shim (``harness.worker_app``) wraps around the task
+body; it is a plain function, so each condition can also be checked in-process. ``in_process``
+is the matrix's fifth cell: an ``async def`` test calling the task's function directly under
+pytest-asyncio; nothing needs to be forced for it, so ``run_in_mode`` does not take it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+from collections.abc import Callable, Mapping
+from typing import Any, Final, TypeVar
+
+from harness.logs import (
+    IDLE_CHECK_FAILED_TEMPLATE,
+    IDLE_CHECK_OK_TEMPLATE,
+    STRATEGY_ASYNCIO_RUN,
+    STRATEGY_THREAD_POOL,
+)
+
+__all__ = [
+    "DEFAULT_MODE_ENV",
+    "IN_PROCESS",
+    "LOOP_MODES",
+    "LOOP_MODE_HEADER",
+    "MATRIX_MODES",
+    "LoopMode",
+    "LoopModeError",
+    "expected_runner_line",
+    "loop_mode_for_request",
+    "parse_loop_mode",
+    "run_in_mode",
+]
+
+T = TypeVar("T")
+
+logger = logging.getLogger("harness.loopmodes")
+
+
+class LoopMode(enum.StrEnum):
+    """A condition of the worker thread when the task body runs (DESIGN.md, "Loop modes")."""
+
+    NO_LOOP = "no_loop"
+    IDLE_LOOP = "idle_loop"
+    RUNNING_LOOP = "running_loop"
+    RUNNING_UVLOOP = "running_uvloop"
+
+
+LOOP_MODES: Final = tuple(mode.value for mode in LoopMode)
+IN_PROCESS: Final = "in_process"
+MATRIX_MODES: Final = (*LOOP_MODES, IN_PROCESS)
+
+# The task message header that picks the mode, and the worker's fallback when it is absent
+# (a run enqueued by the API, which knows nothing of the harness).
+LOOP_MODE_HEADER: Final = "harness_loop_mode"
+DEFAULT_MODE_ENV: Final = "HARNESS_DEFAULT_LOOP_MODE"
+
+
+class LoopModeError(ValueError):
+    """An unknown mode, or a mode that cannot be forced from where it was asked for."""
+
+
+def parse_loop_mode(value: str) -> LoopMode:
+    """``value`` as a :class:`LoopMode`; the error lists the valid names."""
+    try:
+        return LoopMode(value)
+    except ValueError:
+        hint = (
+            " (in_process is run by the test itself, under pytest-asyncio, not in the worker)"
+            if value == IN_PROCESS
+            else ""
+        )
+        raise LoopModeError(
+            f"unknown loop mode {value!r}{hint}; valid worker loop modes: {', '.join(LOOP_MODES)}"
+        ) from None
+
+
+def expected_runner_line(mode: str) -> tuple[bool, str]:
+    """What the fixed runner logs in ``mode``: (detected_running_loop, strategy text)."""
+    if mode in (LoopMode.NO_LOOP, LoopMode.IDLE_LOOP):
+        return False, STRATEGY_ASYNCIO_RUN
+    if mode in (LoopMode.RUNNING_LOOP, LoopMode.RUNNING_UVLOOP, IN_PROCESS):
+        return True, STRATEGY_THREAD_POOL
+    raise LoopModeError(f"unknown loop mode {mode!r}; valid modes: {', '.join(MATRIX_MODES)}")
+
+
+def loop_mode_for_request(request: Any, env: Mapping[str, str]) -> tuple[LoopMode, str]:
+    """The mode for one task message, and where it came from (for the log line).
+
+    Celery copies the message headers onto ``task.request``: a custom header is both an
+    attribute (``request.get(name)``) and an entry of ``request.headers``, the dict of the
+    non-Celery headers. The attribute is read first, ``headers`` covers a request built
+    without it (``apply(headers=...)`` in eager mode).
+    """
+    value = request.get(LOOP_MODE_HEADER) if request is not None else None
+    if value is None and request is not None:
+        headers = getattr(request, "headers", None) or {}
+        value = headers.get(LOOP_MODE_HEADER)
+    if value is not None:
+        return parse_loop_mode(str(value)), f"header {LOOP_MODE_HEADER}"
+    default = env.get(DEFAULT_MODE_ENV, "").strip()
+    if default:
+        return parse_loop_mode(default), DEFAULT_MODE_ENV
+    return LoopMode.NO_LOOP, "default"
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+
+
+def _idle_loop_state(loop: asyncio.AbstractEventLoop) -> str | None:
+    """``None`` if ``loop`` is still this thread's loop and open, else what happened to it."""
+    if loop.is_closed():
+        return "the loop was closed"
+    try:
+        # Safe: set_event_loop() was called in this thread, so this never creates a loop.
+        current = asyncio.get_event_loop()
+    except RuntimeError:
+        return "no loop is set for the thread any more"
+    if current is not loop:
+        return f"the thread's loop was replaced by {type(current).__name__} {id(current):#x}"
+    return None
+
+
+def _new_uvloop() -> asyncio.AbstractEventLoop:
+    import uvloop  # only this mode needs it; keep the import off the other paths
+
+    loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
+    return loop
+
+
+def run_in_mode(mode: str, fn: Callable[..., T], *args: Any, run_id: object = None) -> T:
+    """Call ``fn(*args)`` in this thread under ``mode``'s event-loop condition.
+
+    - ``no_loop``: no loop set (``set_event_loop(None)``) and none running.
+    - ``idle_loop``: a fresh loop set for the thread but not running, as after a library's
+      ``get_event_loop()``. Afterwards the loop must still be set and open (the fixed runner
+      must not clobber it); the check is logged on ``harness.loopmodes`` (INFO when it holds,
+      ERROR when not) and does not change ``fn``'s outcome.
+    - ``running_loop`` / ``running_uvloop``: ``fn`` is called (synchronously) from a coroutine
+      running on a fresh asyncio / uvloop loop in this thread.
+
+    Every mode leaves the thread with no loop set, the worker thread's normal state.
+    ``run_id`` only labels the idle loop check's line.
+    """
+    selected = parse_loop_mode(mode)
+    if _running_loop() is not None:
+        # Nothing can be forced from here: the caller's loop would stay running around fn.
+        raise LoopModeError(
+            f"cannot force {selected.value}: an event loop is already running in this thread; "
+            "call run_in_mode from synchronous code (for the running-loop case under "
+            f"pytest-asyncio, use the {IN_PROCESS} cell instead)"
+        )
+    label = run_id if run_id is not None else getattr(fn, "__qualname__", repr(fn))
+
+    if selected is LoopMode.NO_LOOP:
+        asyncio.set_event_loop(None)
+        try:
+            return fn(*args)
+        finally:
+            asyncio.set_event_loop(None)
+
+    if selected is LoopMode.IDLE_LOOP:
+        loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(loop)
+        try:
+            return fn(*args)
+        finally:
+            problem = _idle_loop_state(loop)
+            if problem is None:
+                logger.info(IDLE_CHECK_OK_TEMPLATE.format(run_id=label))
+            else:
+                logger.error(IDLE_CHECK_FAILED_TEMPLATE.format(run_id=label, detail=problem))
+            asyncio.set_event_loop(None)
+            loop.close()
+
+    async def call() -> T:
+        return fn(*args)
+
+    factory = _new_uvloop if selected is LoopMode.RUNNING_UVLOOP else asyncio.new_event_loop
+    # A loop_factory keeps Runner from setting (and then clearing) the thread's current loop.
+    try:
+        with asyncio.Runner(loop_factory=factory) as runner:
+            return runner.run(call())
+    finally:
+        asyncio.set_event_loop(None)  # whatever fn set for the thread

@@ -1,0 +1,149 @@
+"""The Celery app the harness's worker runs: the service's own app, tuned for tests, plus the shim.
+
+``celery -A harness.worker_app worker ...`` loads this module instead of ``app.celery_app`` so
+that the service stays unaware of the harness. On import it
+
+- applies test tuning (a short broker poll, so a warm shutdown takes a fraction of a second);
+- wraps ``execute_ingest``'s body in :func:`harness.loopmodes.run_in_mode`, the loop mode
+  taken per message from the ``harness_loop_mode`` header, else ``HARNESS_DEFAULT_LOOP_MODE``,
+  else ``no_loop``; the task's name, options and behaviour are otherwise unchanged;
+- with ``HARNESS_RUNNER=prefix``, puts the pre-fix runner (a plain ``asyncio.run``) in place of
+  ``run_async_safe``, so the harness can prove it detects the old bug.
+
+Environment (besides the service's ``APP_*``): ``HARNESS_DEFAULT_LOOP_MODE``,
+``HARNESS_RUNNER`` (``fixed``, the default, or ``prefix``), ``HARNESS_BROKER_POLLING_INTERVAL_S``
+(0.1 by default).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import functools
+import gc
+import logging
+import os
+from collections.abc import Coroutine, Mapping
+from typing import Any, Final, TypeVar
+
+from celery.signals import worker_ready
+
+from app.celery_app import celery_app
+from app.tasks import ingest as ingest_tasks
+from app.utils import asyncio_runner
+from harness.logs import LOOP_MODE_TEMPLATE
+from harness.loopmodes import DEFAULT_MODE_ENV, loop_mode_for_request, parse_loop_mode, run_in_mode
+
+__all__ = ["POLLING_INTERVAL_ENV", "RUNNER_ENV", "app", "celery_app", "prefix_run_async_safe"]
+
+T = TypeVar("T")
+
+logger = logging.getLogger("harness.loopmodes")
+
+RUNNER_ENV: Final = "HARNESS_RUNNER"
+POLLING_INTERVAL_ENV: Final = "HARNESS_BROKER_POLLING_INTERVAL_S"
+_RUNNERS: Final = ("fixed", "prefix")
+# Virtual transports poll their queues; kombu's default of 1 s is what a warm shutdown waits for.
+_POLLING_SCHEMES: Final = ("redis", "rediss", "sentinel")
+_WAKE_UP_S: Final = 0.1
+
+# What ``celery -A harness.worker_app`` finds.
+app = celery_app
+
+
+def prefix_run_async_safe(
+    coro: Coroutine[Any, Any, T], *, context: Mapping[str, object] | None = None
+) -> T:
+    """The runner as it was before the fix: ``asyncio.run``, which raises under a running loop.
+
+    No log line, as then. The coroutine is left unawaited when ``asyncio.run`` refuses it,
+    exactly as the old code did (Python then warns "coroutine ... was never awaited").
+    """
+    del context
+    return asyncio.run(coro)
+
+
+def _tune(env: Mapping[str, str]) -> None:
+    conf = celery_app.conf
+    scheme = str(conf.broker_url or "").split("://", 1)[0].split("+", 1)[0]
+    if scheme in _POLLING_SCHEMES:
+        interval = float(env.get(POLLING_INTERVAL_ENV, "0.1"))
+        conf.broker_transport_options = {
+            **(conf.broker_transport_options or {}),
+            "polling_interval": interval,
+        }
+    conf.update(
+        worker_send_task_events=False,
+        task_send_sent_event=False,
+        # AMQP heartbeats only add a thread and traffic to a short-lived test worker.
+        broker_heartbeat=0,
+    )
+
+
+def _install_runner(env: Mapping[str, str]) -> str:
+    runner = env.get(RUNNER_ENV, "").strip() or "fixed"
+    if runner not in _RUNNERS:
+        raise ValueError(f"{RUNNER_ENV}={runner!r} is not one of: {', '.join(_RUNNERS)}")
+    if runner == "prefix":
+        # app.tasks.ingest calls asyncio_runner.run_async_safe through the module attribute.
+        asyncio_runner.run_async_safe = prefix_run_async_safe
+    return runner
+
+
+def _install_shim(env: Mapping[str, str]) -> None:
+    # The module's name is a lazy proxy; the registry holds the task object itself.
+    task = celery_app.tasks[ingest_tasks.execute_ingest.name]
+    original = task.run  # bound to the task: bind=True gives it ``self``
+
+    @functools.wraps(original)
+    def run_in_loop_mode(*args: Any, **kwargs: Any) -> Any:
+        mode, source = loop_mode_for_request(task.request, env)
+        run_id = args[0] if args else kwargs.get("run_id")
+        logger.info(LOOP_MODE_TEMPLATE.format(run_id=run_id, mode=mode.value, source=source))
+        return run_in_mode(mode, functools.partial(original, *args, **kwargs), run_id=run_id)
+
+    # Celery's tracer calls ``task.run`` (looked up when the worker builds its tracer, after
+    # this import), so an instance attribute replaces the body and nothing else.
+    task.run = run_in_loop_mode
+
+
+def _configure(env: Mapping[str, str]) -> str:
+    default = env.get(DEFAULT_MODE_ENV, "").strip()
+    if default:
+        parse_loop_mode(default)  # a typo fails the worker's start, not every task
+    _tune(env)
+    runner = _install_runner(env)
+    _install_shim(env)
+    return runner
+
+
+_RUNNER = _configure(os.environ)
+
+# The interpreter's last garbage collection walks every object of a process that loaded
+# Celery, SQLAlchemy and pydantic: 0.1-0.4 s of every stop. Freezing the heap at exit skips
+# that walk; logging.shutdown (also atexit) still flushes and closes the log file.
+atexit.register(gc.freeze)
+
+
+def _noop() -> None:
+    pass
+
+
+def _on_worker_ready(sender: Any = None, **_: Any) -> None:
+    hub = getattr(sender, "hub", None)
+    if hub is not None:
+        # The worker's event loop polls with a 1 s timeout when no timer is due and looks at a
+        # shutdown request only between polls: with AMQP (Redis has its own poll timer), every
+        # warm shutdown waited that second. A short no-op timer caps the poll.
+        hub.call_repeatedly(_WAKE_UP_S, _noop)
+    # Logged once logging is set up, so the worker's log says how it was configured.
+    logger.info(
+        "harness worker app: runner=%s, default loop mode=%s, broker polling interval=%s",
+        _RUNNER,
+        os.environ.get(DEFAULT_MODE_ENV) or "no_loop",
+        (celery_app.conf.broker_transport_options or {}).get("polling_interval", "default"),
+    )
+
+
+# connect() rather than the decorator form: Celery is untyped, and the function stays typed.
+worker_ready.connect(_on_worker_ready, weak=False)

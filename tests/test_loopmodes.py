@@ -1,0 +1,323 @@
+"""harness.loopmodes in-process: each mode's condition as the task body sees it."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import uvloop
+from celery.app.task import Context
+
+from app.utils.asyncio_runner import run_async_safe
+from harness.logs import IDLE_CHECK_RE, RUNNER_RE, STRATEGY_ASYNCIO_RUN, STRATEGY_THREAD_POOL
+from harness.loopmodes import (
+    DEFAULT_MODE_ENV,
+    IN_PROCESS,
+    LOOP_MODE_HEADER,
+    LOOP_MODES,
+    MATRIX_MODES,
+    LoopMode,
+    LoopModeError,
+    expected_runner_line,
+    loop_mode_for_request,
+    parse_loop_mode,
+    run_in_mode,
+)
+
+
+@pytest.fixture(autouse=True)
+def _no_loop_left_behind() -> Iterator[None]:
+    # Start as a worker thread starts: no loop set (so get_event_loop() never creates one).
+    asyncio.set_event_loop(None)
+    yield
+    # Every mode must leave the thread as the worker has it: no loop set, none running.
+    with pytest.raises(RuntimeError):
+        asyncio.get_running_loop()
+    with pytest.raises(RuntimeError, match="no current event loop"):
+        asyncio.get_event_loop()
+
+
+def _loop_state() -> dict[str, Any]:
+    """What the task body can see of the thread's event loops."""
+    try:
+        running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+    except RuntimeError:
+        running = None
+    try:
+        current: asyncio.AbstractEventLoop | None = asyncio.get_event_loop()
+    except RuntimeError:
+        current = None
+    return {"running": running, "current": current}
+
+
+def _idle_checks(caplog: pytest.LogCaptureFixture) -> list[tuple[str, str]]:
+    return [
+        (record.levelname, record.getMessage())
+        for record in caplog.records
+        if record.name == "harness.loopmodes" and IDLE_CHECK_RE.match(record.getMessage())
+    ]
+
+
+def test_the_modes_and_the_matrix() -> None:
+    assert LOOP_MODES == ("no_loop", "idle_loop", "running_loop", "running_uvloop")
+    assert IN_PROCESS == "in_process"
+    assert MATRIX_MODES[:-1] == LOOP_MODES
+    assert MATRIX_MODES[-1] == "in_process"
+    assert [parse_loop_mode(mode) for mode in LOOP_MODES] == list(LoopMode)
+
+
+@pytest.mark.parametrize(
+    ("mode", "expected"),
+    [
+        ("no_loop", (False, STRATEGY_ASYNCIO_RUN)),
+        ("idle_loop", (False, STRATEGY_ASYNCIO_RUN)),
+        ("running_loop", (True, STRATEGY_THREAD_POOL)),
+        ("running_uvloop", (True, STRATEGY_THREAD_POOL)),
+        ("in_process", (True, STRATEGY_THREAD_POOL)),
+    ],
+)
+def test_expected_runner_line(mode: str, expected: tuple[bool, str]) -> None:
+    assert expected_runner_line(mode) == expected
+
+
+def test_unknown_modes_name_the_valid_ones() -> None:
+    with pytest.raises(LoopModeError, match="valid worker loop modes: no_loop, idle_loop"):
+        parse_loop_mode("running")
+    with pytest.raises(LoopModeError, match="run by the test itself"):
+        parse_loop_mode(IN_PROCESS)
+    with pytest.raises(LoopModeError, match="in_process"):
+        expected_runner_line("nope")
+
+
+def test_no_loop_clears_a_loop_that_was_set() -> None:
+    stale = asyncio.new_event_loop()
+    asyncio.set_event_loop(stale)
+    try:
+        state = run_in_mode("no_loop", _loop_state)
+    finally:
+        stale.close()
+
+    assert state == {"running": None, "current": None}
+
+
+def test_idle_loop_sets_a_loop_that_is_not_running(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, "harness.loopmodes")
+
+    state = run_in_mode(LoopMode.IDLE_LOOP, _loop_state, run_id=123)
+
+    assert state["running"] is None
+    loop = state["current"]
+    assert isinstance(loop, asyncio.AbstractEventLoop)
+    assert loop.is_closed()  # run_in_mode closes its loop once the check is done
+    assert _idle_checks(caplog) == [("INFO", "idle loop check for run 123: still set and open")]
+
+
+@pytest.mark.parametrize(
+    ("clobber", "detail"),
+    [
+        (lambda: asyncio.get_event_loop().close(), "the loop was closed"),
+        (lambda: asyncio.set_event_loop(None), "no loop is set for the thread any more"),
+        # asyncio.run() itself does this: it sets its own loop, then None.
+        (lambda: asyncio.run(asyncio.sleep(0)), "no loop is set for the thread any more"),
+    ],
+)
+def test_idle_loop_check_reports_a_clobbered_loop(
+    caplog: pytest.LogCaptureFixture, clobber: Callable[[], None], detail: str
+) -> None:
+    caplog.set_level(logging.INFO, "harness.loopmodes")
+
+    run_in_mode("idle_loop", clobber, run_id=9)
+
+    assert _idle_checks(caplog) == [
+        ("ERROR", f"idle loop check for run 9: replaced or closed ({detail})")
+    ]
+
+
+def test_idle_loop_check_reports_a_replaced_loop(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, "harness.loopmodes")
+    other = asyncio.new_event_loop()
+    try:
+        run_in_mode("idle_loop", asyncio.set_event_loop, other, run_id=4)
+    finally:
+        other.close()
+
+    [(level, message)] = _idle_checks(caplog)
+    assert level == "ERROR"
+    assert message.startswith("idle loop check for run 4: replaced or closed (the thread's loop")
+
+
+def test_idle_loop_check_runs_when_the_body_raises(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, "harness.loopmodes")
+
+    def boom() -> None:
+        raise KeyError("x")
+
+    with pytest.raises(KeyError):
+        run_in_mode("idle_loop", boom)
+
+    [(level, message)] = _idle_checks(caplog)
+    assert level == "INFO"
+    assert "boom" in message  # labelled with the function when no run_id is given
+
+
+def test_running_loop_calls_the_body_inside_a_running_asyncio_loop() -> None:
+    state = run_in_mode("running_loop", _loop_state)
+
+    loop = state["running"]
+    assert loop is not None
+    assert not isinstance(loop, uvloop.Loop)
+    assert state["current"] is loop
+
+
+def test_running_uvloop_calls_the_body_inside_a_running_uvloop() -> None:
+    state = run_in_mode("running_uvloop", _loop_state)
+
+    assert isinstance(state["running"], uvloop.Loop)
+
+
+@pytest.mark.parametrize("mode", ["running_loop", "running_uvloop"])
+def test_running_modes_reproduce_the_pre_fix_bug(mode: str) -> None:
+    async def job() -> int:
+        return 1
+
+    def pre_fix_body() -> int:
+        coro = job()
+        try:
+            return asyncio.run(coro)
+        finally:
+            coro.close()  # asyncio.run refused it; closing avoids a "never awaited" warning
+
+    with pytest.raises(RuntimeError, match=r"asyncio\.run\(\) cannot be called from a running"):
+        run_in_mode(mode, pre_fix_body)
+
+
+@pytest.mark.parametrize("mode", LOOP_MODES)
+def test_results_and_errors_pass_through(mode: str) -> None:
+    assert run_in_mode(mode, lambda a, b: a + b, 2, 3) == 5
+
+    def set_a_loop_and_fail() -> None:
+        stray = asyncio.new_event_loop()
+        stray.close()
+        asyncio.set_event_loop(stray)
+        raise ZeroDivisionError
+
+    # The autouse fixture checks that no loop is left set even when the body raises.
+    with pytest.raises(ZeroDivisionError):
+        run_in_mode(mode, set_a_loop_and_fail)
+
+
+@pytest.mark.parametrize("mode", LOOP_MODES)
+def test_the_fixed_runner_logs_the_expected_line_in_each_mode(
+    mode: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+
+    async def job() -> str:
+        await asyncio.sleep(0)
+        return "done"
+
+    result = run_in_mode(mode, lambda: run_async_safe(job(), context={"run_id": 1}))
+
+    assert result == "done"
+    [line] = [
+        match
+        for record in caplog.records
+        if record.name == "app.utils.asyncio_runner"
+        and (match := RUNNER_RE.match(record.getMessage()))
+    ]
+    assert (line["detected"] == "True", line["strategy"]) == expected_runner_line(mode)
+    assert all(level == "INFO" for level, _ in _idle_checks(caplog))
+
+
+@pytest.mark.parametrize("mode", LOOP_MODES)
+def test_modes_work_in_a_pool_thread(mode: str) -> None:
+    # The threads pool runs task bodies in worker threads, not the main thread.
+    seen: list[dict[str, Any]] = []
+    errors: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            seen.append(run_in_mode(mode, _loop_state))
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    thread.join(timeout=10)
+
+    assert errors == []
+    [state] = seen
+    assert (state["running"] is not None) == mode.startswith("running")
+    assert (state["current"] is not None) == (mode != "no_loop")
+
+
+def test_nothing_can_be_forced_inside_a_running_loop() -> None:
+    async def main() -> None:
+        with pytest.raises(LoopModeError, match="already running in this thread"):
+            run_in_mode("no_loop", _loop_state)
+
+    with asyncio.Runner(loop_factory=asyncio.new_event_loop) as runner:
+        runner.run(main())
+
+
+def test_mode_comes_from_the_message_header_as_the_worker_builds_the_request() -> None:
+    # The worker builds task.request from the message headers, custom ones included
+    # (celery.worker.request.Request -> celery.app.trace: Context(request_dict)).
+    request = Context(
+        {"id": "t-1", "task": "app.tasks.ingest.execute_ingest", LOOP_MODE_HEADER: "idle_loop"}
+    )
+
+    assert request.get(LOOP_MODE_HEADER) == "idle_loop"
+    assert request.headers == {LOOP_MODE_HEADER: "idle_loop"}
+    assert loop_mode_for_request(request, {DEFAULT_MODE_ENV: "running_loop"}) == (
+        LoopMode.IDLE_LOOP,
+        "header harness_loop_mode",
+    )
+
+
+def test_mode_from_request_headers_only() -> None:
+    request = Context({"id": "t-1"}, headers={LOOP_MODE_HEADER: "running_uvloop"})
+
+    assert loop_mode_for_request(request, {}) == (
+        LoopMode.RUNNING_UVLOOP,
+        "header harness_loop_mode",
+    )
+
+
+def test_mode_falls_back_to_the_environment_then_no_loop() -> None:
+    request = Context({"id": "t-1", "task": "x"})
+
+    assert loop_mode_for_request(request, {DEFAULT_MODE_ENV: "running_loop"}) == (
+        LoopMode.RUNNING_LOOP,
+        DEFAULT_MODE_ENV,
+    )
+    assert loop_mode_for_request(request, {DEFAULT_MODE_ENV: " "}) == (LoopMode.NO_LOOP, "default")
+    assert loop_mode_for_request(None, {}) == (LoopMode.NO_LOOP, "default")
+
+
+def test_a_bad_header_is_an_error_not_a_silent_default() -> None:
+    request = Context({"id": "t-1", LOOP_MODE_HEADER: "running"})
+
+    with pytest.raises(LoopModeError, match="unknown loop mode 'running'"):
+        loop_mode_for_request(request, {})
+
+
+@pytest.mark.asyncio
+async def test_in_process_cell_runs_under_the_test_s_own_loop(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The matrix's in_process cell: an async test calls sync code that calls the runner.
+    caplog.set_level(logging.INFO, "app.utils.asyncio_runner")
+
+    async def job() -> int:
+        return 7
+
+    assert run_async_safe(job(), context={"run_id": 5}) == 7
+    [message] = [record.getMessage() for record in caplog.records]
+    match = RUNNER_RE.match(message)
+    assert match is not None
+    assert (match["detected"] == "True", match["strategy"]) == expected_runner_line(IN_PROCESS)
