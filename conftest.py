@@ -7,6 +7,7 @@ pytest_plugins = [
     "fixtures.marketplace",
     "fixtures.app",
     "fixtures.api",
+    "fixtures.worker",
 ]
 
 # freezegun scans every loaded module's attributes when it starts; reading testcontainers'

@@ -24,7 +24,14 @@ from typing import Any, Final
 
 import pytest
 
-from harness.config import ALL_LOOP_MODES, ALL_POOLS, BROKERS, ConfigError, HarnessConfig
+from harness.config import (
+    ALL_LOOP_MODES,
+    ALL_POOLS,
+    BROKERS,
+    RUNNERS,
+    ConfigError,
+    HarnessConfig,
+)
 from harness.report import (
     EXIT_ERROR,
     EXIT_NOT_PASSED,
@@ -113,6 +120,14 @@ def _add_common(
         metavar="MODE",
         help="where Postgres and Redis come from: auto|docker|local|external (default: auto, "
         "or HARNESS_SERVICES); started once here and shared with every pytest worker",
+    )
+    run.add_argument(
+        "--runner",
+        metavar="RUNNER",
+        help="the run_async_safe the workers use: "
+        + "|".join(RUNNERS)
+        + " (default: fixed; prefix injects the pre-fix plain asyncio.run(), so the running_* "
+        "cells must fail: the harness proving it detects the runbook's bug)",
     )
     run.add_argument(
         "--no-services",
@@ -222,6 +237,7 @@ def parse_options(argv: Sequence[str]) -> Options:
         "pool": ns.pool,
         "broker": ns.broker,
         "services": ns.services,
+        "runner": ns.runner,
     }
     try:
         # The same precedence as the pytest plugin (option > ini > HARNESS_* env); the plugin
@@ -335,11 +351,17 @@ def pytest_arguments(opts: Options, *, services_started: bool) -> list[str]:
         "no:cacheprovider",
         "-m",
         "matrix",
+        # This process imported `harness` before pytest could mark it for assertion rewriting;
+        # the warning pytest then issues is an error under the project's filterwarnings=error,
+        # and the harness's modules do not rely on rewritten asserts.
+        "-W",
+        "ignore::pytest.PytestAssertRewriteWarning",
         # Started here: every session (and xdist worker) uses them by URL.
         f"--services={'external' if services_started else config.services}",
         f"--loop-mode={','.join(config.loop_modes)}",
         f"--pool={','.join(config.pools)}",
         f"--broker={','.join(config.brokers)}",
+        f"--runner={config.runner}",
     ]
     if opts.numprocesses != "0":
         args += ["-n", opts.numprocesses]
@@ -417,7 +439,8 @@ def run_matrix(opts: Options, services: Services | None) -> MatrixResult:
     print(
         f"harness matrix: {_cells_text(len(config.cells()))} ({', '.join(config.loop_modes)} x "
         f"{', '.join(config.pools)} x {', '.join(config.brokers)}); scenarios: "
-        f"{opts.scenarios}; -n {opts.numprocesses}",
+        f"{opts.scenarios}; -n {opts.numprocesses}"
+        + ("" if config.runner == "fixed" else f"; runner: {config.runner}"),
         flush=True,
     )
     collector = MatrixCollector(stream=sys.stdout)
@@ -470,6 +493,7 @@ def _child_argv(opts: Options, report: Path, *, services_started: bool) -> list[
         f"--loop-mode={','.join(config.loop_modes)}",
         f"--pool={','.join(config.pools)}",
         f"--broker={','.join(config.brokers)}",
+        f"--runner={config.runner}",
         f"--numprocesses={opts.numprocesses}",
         f"--scenarios={opts.scenarios}",
         f"--report={report}",

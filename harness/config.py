@@ -13,15 +13,20 @@ __all__ = [
     "BROKERS",
     "DEFAULT_LOOP_MODES",
     "DEFAULT_POOLS",
+    "RUNNERS",
     "SERVICE_MODES",
-    "ServiceModeName",
     "ConfigError",
     "HarnessConfig",
+    "RunnerName",
+    "ServiceModeName",
     "parse_choices",
 ]
 
 Broker = Literal["redis", "amqp"]
 ServiceModeName = Literal["auto", "docker", "local", "external"]
+# Which run_async_safe the workers use: the service's own (fixed), or the pre-fix plain
+# asyncio.run() that the harness injects to prove it detects the runbook's bug (prefix).
+RunnerName = Literal["fixed", "prefix"]
 
 ALL_LOOP_MODES: Final = ("no_loop", "idle_loop", "running_loop", "running_uvloop", "in_process")
 DEFAULT_LOOP_MODES: Final = ALL_LOOP_MODES
@@ -30,6 +35,7 @@ DEFAULT_POOLS: Final = ("prefork", "solo", "threads")
 BROKERS: Final[tuple[str, ...]] = get_args(Broker)
 DEFAULT_BROKERS: Final = ("redis",)
 SERVICE_MODES: Final[tuple[str, ...]] = get_args(ServiceModeName)
+RUNNERS: Final[tuple[str, ...]] = get_args(RunnerName)
 
 
 class ConfigError(ValueError):
@@ -63,6 +69,14 @@ def parse_choices(
     return tuple(v for v in allowed if v in values)
 
 
+def _runner_error(value: str) -> str:
+    return (
+        f"--runner: unknown value {value!r}; choose from {', '.join(RUNNERS)} (fixed: the "
+        "service's run_async_safe; prefix: the pre-fix plain asyncio.run(), to see the "
+        "running_* cells fail)"
+    )
+
+
 @dataclass(frozen=True)
 class HarnessConfig:
     """Everything the harness needs to know about a session, decided in one place."""
@@ -71,6 +85,7 @@ class HarnessConfig:
     loop_modes: tuple[str, ...] = DEFAULT_LOOP_MODES
     pools: tuple[str, ...] = DEFAULT_POOLS
     brokers: tuple[str, ...] = DEFAULT_BROKERS
+    runner: RunnerName = "fixed"
     env: Mapping[str, str] = field(default_factory=lambda: dict(os.environ), repr=False)
 
     def __post_init__(self) -> None:
@@ -80,6 +95,8 @@ class HarnessConfig:
                 f"{', '.join(SERVICE_MODES)} (auto: docker where an engine answers, else local "
                 "binaries, else an error listing what was tried)"
             )
+        if self.runner not in RUNNERS:
+            raise ConfigError(_runner_error(self.runner))
 
     @classmethod
     def resolve(
@@ -105,6 +122,9 @@ class HarnessConfig:
             raise ConfigError(
                 f"--services: unknown value {services!r}; choose from {', '.join(SERVICE_MODES)}"
             )
+        runner = pick("runner") or "fixed"
+        if runner not in RUNNERS:
+            raise ConfigError(_runner_error(runner))
         return cls(
             services=cast(ServiceModeName, services),
             loop_modes=parse_choices(
@@ -119,6 +139,7 @@ class HarnessConfig:
             brokers=parse_choices(
                 pick("broker"), option="--broker", allowed=BROKERS, default=DEFAULT_BROKERS
             ),
+            runner=cast(RunnerName, runner),
             env=environ,
         )
 

@@ -1,10 +1,17 @@
 """The pytest plugin: options with ini pairs, the matrix markers, and the resolved config.
 
 Loaded through the ``pytest11`` entry point, so any project that installs ingest-harness gets it.
+Besides the options it parametrizes two fixtures: ``matrix_cell`` over the selected (loop mode,
+pool, broker) cells, ``worker_pool`` over the selected (pool, broker) pairs; and it keeps each
+test's phase reports in ``item.stash`` so fixtures can attach evidence to a failure only.
 """
 
 from __future__ import annotations
 
+import signal
+import threading
+from collections.abc import Callable, Generator
+from types import FrameType
 from typing import Final
 
 import pytest
@@ -13,15 +20,36 @@ from harness.config import (
     ALL_LOOP_MODES,
     ALL_POOLS,
     BROKERS,
+    RUNNERS,
     SERVICE_MODES,
     ConfigError,
     HarnessConfig,
 )
 
-__all__ = ["CELL_FIXTURE", "harness_config_key"]
+__all__ = [
+    "CELL_FIXTURE",
+    "POOL_FIXTURE",
+    "FailureDetail",
+    "NotSelected",
+    "add_failure_detail",
+    "harness_config_key",
+    "phase_failed",
+    "phase_reports_key",
+]
 
 harness_config_key: Final = pytest.StashKey[HarnessConfig]()
+# Each phase's report ("setup", "call", "teardown") as it was made, for fixtures' teardown.
+phase_reports_key: Final = pytest.StashKey[dict[str, pytest.TestReport]]()
 CELL_FIXTURE: Final = "matrix_cell"
+POOL_FIXTURE: Final = "worker_pool"
+# A (section title, text) to show under a failed test; called only when a phase failed.
+FailureDetail = Callable[[], tuple[str, str]]
+_failure_details_key: Final = pytest.StashKey[list[FailureDetail]]()
+
+
+class NotSelected(str):
+    """The parameter of a test none of whose cells the options select; it is deselected."""
+
 
 _OPTIONS: Final = (
     (
@@ -34,8 +62,16 @@ _OPTIONS: Final = (
     (
         "services",
         "--services",
-        "where Postgres and Redis come from: " + "|".join(SERVICE_MODES)
+        "where Postgres and Redis come from: "
+        + "|".join(SERVICE_MODES)
         + " (auto: docker where an engine answers, else local binaries)",
+    ),
+    (
+        "runner",
+        "--runner",
+        "the run_async_safe the workers use: "
+        + "|".join(RUNNERS)
+        + " (prefix: the pre-fix plain asyncio.run(); the running_* cells must then fail)",
     ),
 )
 
@@ -54,7 +90,14 @@ def pytest_configure(config: pytest.Config) -> None:
         config.addinivalue_line("markers", f"{pool}: matrix cell on the {pool} worker pool")
     for broker in BROKERS:
         config.addinivalue_line("markers", f"{broker}: matrix cell on the {broker} broker")
-    config.addinivalue_line("markers", "matrix: a scenario parametrized over the matrix cells")
+    config.addinivalue_line(
+        "markers",
+        "matrix(modes=None): a scenario parametrized over the matrix cells; modes=(...) limits "
+        "it to those loop modes (e.g. only in_process for an async def scenario)",
+    )
+    config.addinivalue_line(
+        "markers", "alternating: one worker per pool runs many runs in a row, modes alternating"
+    )
     config.addinivalue_line(
         "markers", "integration: needs the real Postgres and Redis started by the harness"
     )
@@ -66,19 +109,144 @@ def pytest_configure(config: pytest.Config) -> None:
     except ConfigError as exc:
         raise pytest.UsageError(str(exc)) from None
     config.stash[harness_config_key] = harness_config
+    _interrupt_on_sigterm(config)
+
+
+def _interrupt_on_sigterm(config: pytest.Config) -> None:
+    """Make SIGTERM (``kill``, a CI timeout) end the session as Ctrl-C does, with its teardown.
+
+    By default SIGTERM kills Python on the spot: the parent-death signal still takes the servers
+    and workers down, but no fixture teardown or atexit runs, so their temp dirs stay behind.
+    Only where SIGTERM is not handled already, and only from the main thread (signal's rule).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return
+    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        return
+
+    def interrupt(signum: int, frame: FrameType | None) -> None:
+        # Once: a repeated SIGTERM must not interrupt the teardown the first one started
+        # (SIGKILL remains the hard stop).
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+    def restore() -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+    signal.signal(signal.SIGTERM, interrupt)
+    config.add_cleanup(restore)
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    c = config.stash[harness_config_key]
+    return (
+        f"ingest-harness: loop modes {','.join(c.loop_modes)}; pools {','.join(c.pools)}; "
+        f"brokers {','.join(c.brokers)}; services {c.services}; runner {c.runner}"
+    )
+
+
+def _restrict_modes(metafunc: pytest.Metafunc, selected: tuple[str, ...]) -> tuple[str, ...]:
+    """The selected loop modes, narrowed by the test's ``@pytest.mark.matrix(modes=...)``."""
+    allowed: set[str] | None = None
+    for mark in metafunc.definition.iter_markers("matrix"):
+        modes = mark.kwargs.get("modes")
+        if modes is None:
+            continue
+        unknown = [m for m in modes if m not in ALL_LOOP_MODES]
+        if unknown:
+            pytest.fail(
+                f"{metafunc.definition.nodeid}: @pytest.mark.matrix(modes=...) has unknown loop "
+                f"mode(s) {', '.join(map(repr, unknown))}; known: {', '.join(ALL_LOOP_MODES)}",
+                pytrace=False,
+            )
+        allowed = set(modes) if allowed is None else allowed & set(modes)
+    return selected if allowed is None else tuple(m for m in selected if m in allowed)
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    if CELL_FIXTURE not in metafunc.fixturenames:
-        return
     harness_config = metafunc.config.stash[harness_config_key]
-    params = []
-    for mode, pool, broker in harness_config.cells():
-        marks = [getattr(pytest.mark, mode), pytest.mark.matrix]
-        if pool != "-":
-            marks.append(getattr(pytest.mark, pool))
-        if broker != "-":
-            marks.append(getattr(pytest.mark, broker))
-        cell_id = mode if pool == "-" else f"{mode}-{pool}-{broker}"
-        params.append(pytest.param((mode, pool, broker), id=cell_id, marks=marks))
-    metafunc.parametrize(CELL_FIXTURE, params, indirect=True)
+    if CELL_FIXTURE in metafunc.fixturenames:
+        modes = _restrict_modes(metafunc, harness_config.loop_modes)
+        params = []
+        for mode, pool, broker in harness_config.cells():
+            if mode not in modes:
+                continue
+            marks = [getattr(pytest.mark, mode), pytest.mark.matrix]
+            if pool != "-":
+                marks.append(getattr(pytest.mark, pool))
+            if broker != "-":
+                marks.append(getattr(pytest.mark, broker))
+            cell_id = mode if pool == "-" else f"{mode}-{pool}-{broker}"
+            params.append(pytest.param((mode, pool, broker), id=cell_id, marks=marks))
+        _parametrize(metafunc, CELL_FIXTURE, params, "--loop-mode")
+    if POOL_FIXTURE in metafunc.fixturenames:
+        pairs = [
+            pytest.param(
+                (pool, broker),
+                id=f"{pool}-{broker}",
+                marks=[getattr(pytest.mark, pool), getattr(pytest.mark, broker)],
+            )
+            for broker in harness_config.brokers
+            for pool in harness_config.pools
+        ]
+        _parametrize(metafunc, POOL_FIXTURE, pairs, "--pool/--broker")
+
+
+def _parametrize(
+    metafunc: pytest.Metafunc, name: str, params: list[pytest.ParameterSet], option: str
+) -> None:
+    if not params:
+        # Nothing of this test is selected: one placeholder that pytest_collection_modifyitems
+        # deselects, rather than pytest's skipped "empty parameter set", which reads like a
+        # problem.
+        params = [pytest.param(NotSelected(f"no cell of it is selected by {option}"), id="-")]
+    metafunc.parametrize(name, params, indirect=True)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    keep: list[pytest.Item] = []
+    dropped: list[pytest.Item] = []
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        params = callspec.params.values() if callspec is not None else ()
+        (dropped if any(isinstance(p, NotSelected) for p in params) else keep).append(item)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = keep
+
+
+# -- failure evidence -----------------------------------------------------------------------
+
+
+def add_failure_detail(item: pytest.Item, detail: FailureDetail) -> None:
+    """Have ``detail()`` appended as a report section if a phase of ``item`` fails.
+
+    Called only on failure, so a passing test never pays for reading logs or rows; an error
+    inside it becomes the section's text and never hides the test's own failure.
+    """
+    item.stash.setdefault(_failure_details_key, []).append(detail)
+
+
+def phase_failed(item: pytest.Item) -> bool:
+    """Whether a phase of ``item`` reported so far failed (for a fixture's teardown)."""
+    return any(report.failed for report in item.stash.get(phase_reports_key, {}).values())
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    report = yield
+    reports = item.stash.setdefault(phase_reports_key, {})
+    # Evidence goes with the first failed phase only (a failed call is often followed by a
+    # failed teardown; the same sections twice would only bury the failure).
+    first_failure = report.failed and not any(r.failed for r in reports.values())
+    reports[report.when] = report
+    if first_failure:
+        for detail in item.stash.get(_failure_details_key, []):
+            try:
+                title, text = detail()
+            except Exception as exc:  # evidence is a bonus: never replace the real failure
+                title, text = "harness", f"could not collect failure details: {exc!r}"
+            report.sections.append((title, text))
+    return report

@@ -1,0 +1,483 @@
+"""The session's Celery workers: one per (pool, broker), started on first use, stopped together.
+
+Plain classes (no pytest): ``WorkerFarm.worker("prefork", "redis")`` returns a ready
+:class:`~harness.worker.CeleryWorkerProcess` that serves every loop mode (the mode travels in
+each task message), so the whole matrix costs one worker start per pool and broker, not one per
+cell. A worker that died since its last use is replaced, and the death is recorded.
+:class:`WorkerRuns` is one scenario's view of a worker: it creates runs, sends them in a loop
+mode, waits until each is terminal and its log lines are written, and reads only the log that
+was written since the scenario began.
+
+Exceptions::
+
+    Exception
+     └── BrokerUnavailable   the cell's broker has no URL here (no AMQP broker answers):
+                             a reason to skip the cell, not a failure
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+from harness.config import ALL_POOLS, BROKERS, RUNNERS
+from harness.logs import LogLine
+from harness.runs import RunNotTerminalError, RunRow, RunStore
+from harness.services import Services, mask_dsn
+from harness.worker import CeleryWorkerProcess, app_env, mask_secrets
+
+__all__ = [
+    "CONCURRENCY",
+    "GEVENT_RUNNING_LOOP_ERROR",
+    "GEVENT_RUNNING_LOOP_REASON",
+    "WARMUP_CODE_PREFIX",
+    "WARMUP_PROJECT_ID",
+    "BrokerUnavailable",
+    "CompletedRun",
+    "SentRun",
+    "WorkerDeath",
+    "WorkerFarm",
+    "WorkerRuns",
+    "known_incompatibility",
+]
+
+logger = logging.getLogger("harness.farm")
+
+# Enough for the pool to be itself (prefork forks children, threads and gevent run several
+# tasks side by side), small enough for a 2-core machine running two xdist workers.
+CONCURRENCY: Final[Mapping[str, int]] = {"prefork": 2, "solo": 1, "threads": 4, "gevent": 4}
+# A failing run retries the marketplace twice, 10 ms then 20 ms apart: the "keeps failing past
+# the retries" scenario then takes tens of milliseconds, not the service's default seconds.
+_HTTP_RETRIES: Final = "2"
+_STOP_TIMEOUT_S: Final = 10.0
+
+# Measured (docs/harness.md, "gevent"): with gevent's monkey-patching, threading.Thread starts a
+# greenlet on the calling OS thread, while asyncio records the running loop per OS thread; so
+# run_async_safe's helper "thread" still sees the task's running loop and its new loop refuses
+# to start. no_loop and idle_loop are unaffected (no loop is running there).
+GEVENT_RUNNING_LOOP_ERROR: Final = (
+    "RuntimeError: Cannot run the event loop while another loop is running"
+)
+GEVENT_RUNNING_LOOP_REASON: Final = (
+    "gevent: known incompatibility: under gevent's monkey-patching run_async_safe's helper "
+    "thread is a greenlet on the task's own OS thread, and asyncio tracks the running loop per "
+    "OS thread, so the helper's loop refuses to start (" + GEVENT_RUNNING_LOOP_ERROR + ")"
+)
+# The warm-up runs' rows: a project and marketplace codes no scenario uses.
+WARMUP_PROJECT_ID: Final = 0
+WARMUP_CODE_PREFIX: Final = "harness-warmup-"
+_EVIDENCE_LOG_LINES: Final = 80
+
+
+def known_incompatibility(pool: str, loop_mode: str, error_message: str | None) -> str | None:
+    """Why a run failed, if it failed exactly as a documented incompatibility of its cell.
+
+    Only the exact error in the exact cell counts: anything else is a real failure, and a
+    run that succeeds (the incompatibility fixed) is simply a pass.
+    """
+    if (
+        pool == "gevent"
+        and loop_mode in ("running_loop", "running_uvloop")
+        and error_message == GEVENT_RUNNING_LOOP_ERROR
+    ):
+        return GEVENT_RUNNING_LOOP_REASON
+    return None
+
+
+class BrokerUnavailable(Exception):
+    """The cell's broker cannot be used here; ``reason`` says why and what to set."""
+
+    def __init__(self, broker: str, reason: str) -> None:
+        super().__init__(f"broker {broker}: {reason}")
+        self.broker = broker
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class WorkerDeath:
+    """A worker found dead when it was next needed (and then replaced)."""
+
+    pool: str
+    broker: str
+    node_name: str
+    returncode: int | None
+    log_path: Path
+
+    def describe(self) -> str:
+        how = (
+            f"killed by signal {-self.returncode}"
+            if self.returncode is not None and self.returncode < 0
+            else f"exit code {self.returncode}"
+        )
+        return (
+            f"worker {self.node_name} ({self.pool}/{self.broker}) had died ({how}); "
+            f"restarted. Its log: {self.log_path}"
+        )
+
+
+class WorkerFarm:
+    """Lazily started, cached workers for one session; ``stop_all()`` ends them all.
+
+    ``runner`` goes to every worker as ``HARNESS_RUNNER`` (``prefix`` puts the pre-fix
+    ``asyncio.run()`` in place of ``run_async_safe``); ``warm_up`` runs a throwaway run in
+    each new worker process before handing it out (see :meth:`_warm_up`).
+
+    Workers are spawned by the farm's own spawner threads, which live until ``stop_all()``:
+    Linux's parent-death signal, which kills a worker when the test process dies, fires when
+    the spawning *thread* ends, so no worker may be spawned by a short-lived thread. With them,
+    ``prestart()`` boots several workers side by side (a boot is ~0.5-1 s, mostly imports).
+    The farm itself is used from one thread (the session's).
+    """
+
+    def __init__(
+        self,
+        services: Services,
+        *,
+        marketplace_url: str,
+        database_url: str,
+        log_dir: Path,
+        runner: str = "fixed",
+        warm_up: bool = True,
+    ) -> None:
+        if runner not in RUNNERS:
+            raise ValueError(f"runner must be one of {', '.join(RUNNERS)}, got {runner!r}")
+        self.services = services
+        self.marketplace_url = marketplace_url
+        self.database_url = database_url
+        self.log_dir = log_dir
+        self.runner = runner
+        self.warm_up = warm_up
+        self.deaths: list[WorkerDeath] = []
+        self._workers: dict[tuple[str, str], CeleryWorkerProcess] = {}
+        self._store: RunStore | None = None
+        self._spawner: ThreadPoolExecutor | None = None
+        self._lock = threading.Lock()
+        # Every worker a spawner thread started, also one whose caller stopped waiting for it
+        # (an interrupt): stop_all() stops them all.
+        self._started: list[CeleryWorkerProcess] = []
+
+    def __repr__(self) -> str:
+        running = ", ".join(f"{p}/{b}" for p, b in self._workers) or "none"
+        return f"<WorkerFarm runner={self.runner} workers: {running}>"
+
+    def broker_url(self, broker: str) -> str:
+        """The URL of ``broker``; BrokerUnavailable when this machine has none."""
+        if broker == "redis":
+            return self.services.redis_url
+        if broker == "amqp":
+            if self.services.amqp_url is None:
+                raise BrokerUnavailable(broker, "no AMQP broker answers; set HARNESS_AMQP_URL")
+            return self.services.amqp_url
+        raise ValueError(f"unknown broker {broker!r}; known: {', '.join(BROKERS)}")
+
+    def worker(self, pool: str, broker: str) -> CeleryWorkerProcess:
+        """The running worker for (``pool``, ``broker``), started now if needed."""
+        key = self._check(pool, broker)
+        current = self._alive(key)
+        if current is not None:
+            return current
+        worker = self._submit(pool, broker).result()
+        self._workers[key] = worker
+        return worker
+
+    def prestart(self, pairs: Iterable[tuple[str, str]]) -> None:
+        """Start the workers for ``pairs`` side by side; best effort.
+
+        A pair whose broker is missing, or whose worker fails to start, is only logged here:
+        ``worker()`` tries again when a scenario needs it and reports the error there.
+        """
+        futures: dict[tuple[str, str], Future[CeleryWorkerProcess]] = {}
+        for pool, broker in dict.fromkeys(pairs):
+            key = self._check(pool, broker)
+            if self._alive(key) is not None:
+                continue
+            try:
+                self.broker_url(broker)
+            except BrokerUnavailable as exc:
+                logger.info("farm: not starting %s/%s: %s", pool, broker, exc.reason)
+                continue
+            futures[key] = self._submit(pool, broker)
+        for key, future in futures.items():
+            try:
+                self._workers[key] = future.result()
+            except Exception as exc:
+                logger.warning("farm: starting the %s/%s worker failed: %s", *key, exc)
+
+    def _check(self, pool: str, broker: str) -> tuple[str, str]:
+        if pool not in ALL_POOLS:
+            raise ValueError(f"unknown pool {pool!r}; known: {', '.join(ALL_POOLS)}")
+        if broker not in BROKERS:
+            raise ValueError(f"unknown broker {broker!r}; known: {', '.join(BROKERS)}")
+        return (pool, broker)
+
+    def _alive(self, key: tuple[str, str]) -> CeleryWorkerProcess | None:
+        """The cached worker if it is alive; a dead one is recorded, cleaned up and forgotten."""
+        current = self._workers.get(key)
+        if current is None or current.is_alive():
+            return current
+        death = WorkerDeath(*key, current.node_name, current.returncode, current.log_path)
+        self.deaths.append(death)
+        logger.warning("%s", death.describe())
+        del self._workers[key]
+        self._stop_one(current)  # reaps it and kills anything left of its group
+        return None
+
+    def _submit(self, pool: str, broker: str) -> Future[CeleryWorkerProcess]:
+        # The broker URL is resolved here, so a missing broker raises in the caller's thread.
+        broker_url = self.broker_url(broker)
+        if self._spawner is None:
+            self._spawner = ThreadPoolExecutor(
+                max_workers=len(ALL_POOLS) * len(BROKERS), thread_name_prefix="farm-spawner"
+            )
+        return self._spawner.submit(self._start, pool, broker, broker_url)
+
+    def _start(self, pool: str, broker: str, broker_url: str) -> CeleryWorkerProcess:
+        """Start and warm up one worker (in a spawner thread)."""
+        worker = CeleryWorkerProcess(
+            env=app_env(
+                database_url=self.database_url,
+                broker_url=broker_url,
+                marketplace_url=self.marketplace_url,
+                APP_HTTP_RETRIES=_HTTP_RETRIES,
+            ),
+            log_dir=self.log_dir,
+            pool=pool,
+            concurrency=CONCURRENCY[pool],
+            extra_env={"HARNESS_RUNNER": self.runner},
+        )
+        worker.start()
+        with self._lock:
+            self._started.append(worker)
+        try:
+            warm_s = self._warm_up(worker) if self.warm_up else 0.0
+        except BaseException:
+            self._stop_one(worker)
+            raise
+        logger.info(
+            "farm: %s/%s worker %s on %s ready in %.2f s, warmed up in %.2f s",
+            pool,
+            broker,
+            worker.node_name,
+            mask_dsn(worker.broker_url),
+            worker.start_s or 0.0,
+            warm_s,
+        )
+        return worker
+
+    def _warm_up(self, worker: CeleryWorkerProcess) -> float:
+        """Run one throwaway run per pool process before the worker is handed out.
+
+        A process's first run imports what the service loads lazily (the job modules, httpx,
+        asyncpg, the SSL trust store): 150-300 ms that belong to the process, not to the first
+        scenario that happens to use it. Prefork gets one run per child (sent together, so the
+        fair scheduler gives each child one); the other pools share one process. The runs
+        use project 0 and marketplace codes of their own (one per worker and run: workers
+        warm up side by side, and a code may have one active run at a time); a warm-up
+        that does not succeed is only logged (the scenarios then show what is wrong).
+        """
+        started = time.monotonic()
+        runs = WorkerRuns(worker, self._warm_up_store())
+        slots = worker.concurrency if worker.pool == "prefork" else 1
+        sent = [
+            runs.send(
+                "no_loop",
+                marketplace_code=f"{WARMUP_CODE_PREFIX}{worker.queue}-{i}",
+                project_id=WARMUP_PROJECT_ID,
+            )
+            for i in range(slots)
+        ]
+        for one in sent:
+            done = runs.wait(one)
+            if done.row.status != "success":
+                logger.warning(
+                    "farm: warm-up run %d on %s ended %s: %s",
+                    done.run_id,
+                    worker.node_name,
+                    done.row.status,
+                    done.row.error_message,
+                )
+        return time.monotonic() - started
+
+    def _warm_up_store(self) -> RunStore:
+        with self._lock:  # spawner threads start and warm up side by side
+            if self._store is None:
+                self._store = RunStore(self.database_url)
+            return self._store
+
+    def deaths_of(self, pool: str, broker: str) -> list[WorkerDeath]:
+        return [d for d in self.deaths if (d.pool, d.broker) == (pool, broker)]
+
+    def workers(self) -> dict[tuple[str, str], CeleryWorkerProcess]:
+        """The workers started so far, by (pool, broker)."""
+        return dict(self._workers)
+
+    def stop_all(self) -> None:
+        """Stop every worker: warm shutdown, then kill. Best effort, logged, never raises.
+
+        The workers stop side by side: a prefork warm shutdown alone takes ~1.7 s, and the
+        session should not wait for each in turn.
+        """
+        self._workers.clear()
+        with self._lock:
+            workers, self._started = self._started, []
+        try:
+            self._stop_many(workers)
+        finally:
+            # Only now: a worker's parent-death signal is tied to its spawner thread, so this
+            # also kills whatever a failed stop left alive.
+            spawner, self._spawner = self._spawner, None
+            if spawner is not None:
+                spawner.shutdown(wait=True, cancel_futures=True)
+            store, self._store = self._store, None
+            if store is not None:
+                store.close()
+
+    def _stop_many(self, workers: list[CeleryWorkerProcess]) -> None:
+        if not workers:
+            return
+        started = time.monotonic()
+        threads = [
+            threading.Thread(target=self._stop_one, args=(w,), name=f"stop-{w.node_name}")
+            for w in workers[1:]
+        ]
+        for thread in threads:
+            thread.start()
+        self._stop_one(workers[0])
+        for thread in threads:
+            thread.join()
+        logger.info(
+            "farm: stopped %d worker(s) in %.2f s", len(workers), time.monotonic() - started
+        )
+
+    @staticmethod
+    def _stop_one(worker: CeleryWorkerProcess) -> None:
+        try:
+            worker.stop(timeout=_STOP_TIMEOUT_S)
+        except Exception:
+            logger.exception("farm: stopping %s failed; killing its process group", worker)
+            try:
+                worker.kill()
+            except Exception:
+                logger.exception("farm: killing %s failed", worker)
+
+
+@dataclass(frozen=True)
+class SentRun:
+    """A run that was created and sent to the worker."""
+
+    run_id: int
+    task_id: str
+    loop_mode: str
+
+
+@dataclass(frozen=True)
+class CompletedRun:
+    """A terminal run: its row (read on the harness's connection) and the scenario's log."""
+
+    row: RunRow
+    lines: list[LogLine]
+    loop_mode: str
+    task_id: str
+
+    @property
+    def run_id(self) -> int:
+        return self.row.id
+
+
+class WorkerRuns:
+    """One scenario's runs on one worker; the log is read from a mark taken at construction.
+
+    Run ids restart whenever a test truncates ``ingest_runs``, so an earlier scenario's
+    ``Starting run 1`` may be in the same log file: reading from the mark means a scenario sees
+    only its own lines (and the assertions still select by run id).
+    """
+
+    def __init__(self, worker: CeleryWorkerProcess, store: RunStore) -> None:
+        self.worker = worker
+        self.store = store
+        self.mark = worker.log_mark()
+        self.sent: list[SentRun] = []
+
+    def send(
+        self,
+        loop_mode: str,
+        *,
+        marketplace_code: str,
+        project_id: int = 1,
+        job_code: str = "frontend_prices",
+    ) -> SentRun:
+        """Create a queued run, as the API does, and send ``execute_ingest`` in ``loop_mode``."""
+        run_id = self.store.create(
+            project_id=project_id, marketplace_code=marketplace_code, job_code=job_code
+        )
+        sent = SentRun(run_id, self.worker.send(run_id, loop_mode=loop_mode), loop_mode)
+        self.sent.append(sent)
+        return sent
+
+    def wait(self, sent: SentRun, *, timeout: float = 20.0) -> CompletedRun:
+        """Wait until Celery logged the task's end, then read the row once.
+
+        The task commits the row's terminal state before Celery writes its "succeeded" line,
+        so by then the row is final; waiting on the log file (not polling the table) keeps
+        the harness's own load off the two cores the worker and Postgres need. A worker that
+        exits meanwhile fails the wait at once, with its exit code and log tail.
+        """
+        lines = self.worker.wait_for_task(sent.task_id, since=self.mark, timeout=timeout)
+        row = self.store.get(sent.run_id)
+        if row is None or not row.terminal:
+            state = "no such row" if row is None else f"status {row.status!r}"
+            raise RunNotTerminalError(
+                f"task {sent.task_id} ended but run {sent.run_id} is not terminal ({state}): "
+                "the task returned without finishing its row; see the worker log below",
+                row,
+            )
+        return CompletedRun(row=row, lines=lines, loop_mode=sent.loop_mode, task_id=sent.task_id)
+
+    def run(
+        self,
+        loop_mode: str,
+        *,
+        marketplace_code: str,
+        project_id: int = 1,
+        job_code: str = "frontend_prices",
+        timeout: float = 20.0,
+    ) -> CompletedRun:
+        """``send`` then ``wait``."""
+        sent = self.send(
+            loop_mode, marketplace_code=marketplace_code, project_id=project_id, job_code=job_code
+        )
+        return self.wait(sent, timeout=timeout)
+
+    def lines(self) -> list[LogLine]:
+        """The worker's log since the scenario began."""
+        return self.worker.log_lines(self.mark)
+
+    def rows_text(self) -> str:
+        """Every run of the scenario as stored now, one column per line (for a failure)."""
+        if not self.sent:
+            return "(the scenario created no run)"
+        blocks = []
+        for sent in self.sent:
+            row = self.store.get(sent.run_id)
+            head = f"run {sent.run_id} ({sent.loop_mode}, task {sent.task_id}):"
+            if row is None:
+                blocks.append(f"{head} no row")
+                continue
+            fields = "\n".join(f"  {k} = {v!r}" for k, v in row.as_dict().items())
+            blocks.append(f"{head}\n{fields}")
+        return "\n".join(blocks)
+
+    def log_text(self, limit: int = _EVIDENCE_LOG_LINES) -> str:
+        """The last ``limit`` lines the worker wrote since the scenario began (for a failure)."""
+        text = self.worker.read_log(self.mark).splitlines()
+        shown = text[-limit:]
+        skipped = f"... {len(text) - len(shown)} earlier lines in {self.worker.log_path}\n"
+        return (skipped if len(text) > len(shown) else "") + "\n".join(
+            mask_secrets(line) for line in shown
+        )

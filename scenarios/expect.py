@@ -1,0 +1,153 @@
+"""Checks the scenarios share beyond ``harness.assertions``: the domain rows and the shim's lines.
+
+Not a test module: the scenarios import it (``scenarios`` is a package).
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from decimal import Decimal
+from typing import Any, Final
+
+from sqlalchemy import text
+
+from harness.assertions import RunAssertionError, assert_loop_log, run_log_excerpt
+from harness.logs import (
+    COMPLETED_TEMPLATE,
+    FAILED_TEMPLATE,
+    FORBIDDEN_TEXT,
+    IDLE_CHECK_OK_TEMPLATE,
+    LOOP_MODE_TEMPLATE,
+    STARTING_TEMPLATE,
+    LogLine,
+    find_forbidden,
+    harness_lines,
+    runner_lines,
+    task_lines,
+)
+from harness.loopmodes import LOOP_MODE_HEADER, LoopMode
+from harness.runs import RunStore
+
+__all__ = [
+    "DOMAIN",
+    "assert_prices_stored",
+    "assert_run_log",
+    "assert_shim_lines",
+    "stored_prices",
+]
+
+DOMAIN: Final = "frontend_prices"
+_HEADER_SOURCE: Final = f"header {LOOP_MODE_HEADER}"
+
+
+def _served(item: Mapping[str, Any]) -> tuple[str, Decimal, str, Decimal | None, datetime]:
+    discount = item.get("discount_price")
+    return (
+        str(item["sku"]),
+        Decimal(str(item["price"])),
+        str(item["currency"]),
+        None if discount is None else Decimal(str(discount)),
+        datetime.fromisoformat(str(item["observed_at"]).replace("Z", "+00:00")),
+    )
+
+
+def stored_prices(
+    store: RunStore, *, project_id: int, marketplace_code: str
+) -> list[tuple[Any, ...]]:
+    """The ``frontend_prices`` rows of one project and marketplace, by sku."""
+    with store.engine.connect() as conn:
+        rows = conn.execute(
+            text(
+                "SELECT sku, price, currency, discount_price, observed_at FROM frontend_prices "
+                "WHERE project_id = :p AND marketplace_code = :m ORDER BY sku"
+            ),
+            {"p": project_id, "m": marketplace_code},
+        ).all()
+    return [tuple(row) for row in rows]
+
+
+def assert_prices_stored(
+    store: RunStore,
+    *,
+    project_id: int,
+    marketplace_code: str,
+    served: Sequence[Mapping[str, Any]],
+) -> None:
+    """The domain table holds exactly the items the marketplace served, value for value."""
+    want = sorted(_served(item) for item in served)
+    got = stored_prices(store, project_id=project_id, marketplace_code=marketplace_code)
+    if got == want:
+        return
+    diff = "\n".join(
+        difflib.unified_diff(
+            [repr(r) for r in want],
+            [repr(r) for r in got],
+            "served by the marketplace",
+            "stored in frontend_prices",
+            lineterm="",
+            n=1,
+        )
+    )
+    raise AssertionError(
+        f"frontend_prices for project {project_id} / {marketplace_code}: {len(got)} rows "
+        f"stored, {len(want)} items served; first differences:\n"
+        + "\n".join(diff.splitlines()[:40])
+    )
+
+
+def assert_shim_lines(lines: Sequence[LogLine], run_id: int, mode: str) -> None:
+    """The harness's own lines for the run: the mode it forced, and for ``idle_loop`` that the
+    thread's idle loop was still set and open after the run (the runner must not clobber it)."""
+    want = [LOOP_MODE_TEMPLATE.format(run_id=run_id, mode=mode, source=_HEADER_SOURCE)]
+    if mode == LoopMode.IDLE_LOOP:
+        want.append(IDLE_CHECK_OK_TEMPLATE.format(run_id=run_id))
+    got = [line.headline for line in harness_lines(lines, run_id)]
+    assert got == want, (
+        f"the loop-mode shim's lines for run {run_id} differ:\n  got:  {got}\n  want: {want}"
+    )
+
+
+def assert_run_log(
+    lines: Sequence[LogLine],
+    run_id: int,
+    mode: str,
+    *,
+    runner: str,
+    outcome: str = "success",
+    error: str | None = None,
+) -> None:
+    """The run's log lines as the runner under test writes them.
+
+    With the fixed runner: the runbook's step 3 (``assert_loop_log``). The pre-fix runner
+    (``--runner prefix``) wrote no runner line, so there its absence is what is asserted (it
+    also proves the injection took effect), with the task's own lines and no pre-fix error
+    in the log. Either way a running-loop cell under the pre-fix runner fails, on the row
+    already: that is the harness's proof of power, not a missing log line.
+    """
+    if runner == "fixed":
+        assert_loop_log(lines, run_id, mode, outcome=outcome, error=error)
+        return
+    problems = []
+    if runner_lines(lines, run_id):
+        problems.append("a runner line was logged: the pre-fix runner was not injected")
+    end = (
+        COMPLETED_TEMPLATE.format(run_id=run_id)
+        if outcome == "success"
+        else FAILED_TEMPLATE.format(run_id=run_id, error=error)
+    )
+    want = [STARTING_TEMPLATE.format(run_id=run_id), end]
+    got = [line.headline for line in task_lines(lines, run_id)]
+    if got != want:
+        problems.append(f"task lines differ: got {got}, want {want}")
+    if find_forbidden(lines):
+        problems.append(f"the log contains {FORBIDDEN_TEXT!r}")
+    if problems:
+        raise RunAssertionError(
+            "\n".join(
+                [f"worker log for run {run_id} ({mode}, runner {runner}) is not as expected:"]
+                + [f"  - {p}" for p in problems]
+                + [run_log_excerpt(lines, run_id)]
+            )
+        )

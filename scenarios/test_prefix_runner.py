@@ -1,0 +1,177 @@
+"""The harness proves its power: against the pre-fix runner its own verdict flips.
+
+``harness matrix --runner prefix`` runs ``test_success`` in every worker cell the session
+selected (by default: four loop modes x prefork, solo, threads x redis) with the pre-fix
+runner (a plain ``asyncio.run()``, injected into the workers through ``HARNESS_RUNNER=prefix``)
+on this session's Postgres and Redis. Every ``running_*`` cell must fail exactly as the runbook
+describes the old bug -- status ``failed``, the RuntimeError in ``error_message`` and in the
+worker log -- while ``no_loop`` and ``idle_loop`` still pass. A harness that could not see the
+bug would report all green here.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import signal
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Final
+
+import pytest
+
+from app.tasks.ingest import run_ingest
+from fixtures.worker import InProcessRuns, prefix_run_async_safe
+from harness.config import HarnessConfig
+from harness.logs import FAILED_TEMPLATE, FORBIDDEN_TEXT
+from harness.loopmodes import LOOP_MODES
+from harness.marketplace import MarketplaceServer
+from harness.plugin import harness_config_key
+from harness.services import Services
+from scenarios.expect import DOMAIN
+
+pytestmark = pytest.mark.integration
+
+ROOT: Final = Path(__file__).resolve().parent.parent
+PRE_FIX_ERROR: Final = f"RuntimeError: {FORBIDDEN_TEXT}"
+# Generous: the child starts three workers and stops them; it takes a few seconds.
+CHILD_TIMEOUT_S: Final = 180
+
+
+def _die_with_us() -> Callable[[], None] | None:
+    """A preexec_fn arming Linux's parent-death signal, so a killed session leaves no child."""
+    if not sys.platform.startswith("linux"):
+        return None
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    parent = os.getpid()
+
+    def arm() -> None:
+        prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:
+            os._exit(1)  # we died before it was armed
+
+    return arm
+
+
+def _child_env(services: Services) -> dict[str, str]:
+    # Only this session's servers: the child's own pytest makes its database on our cluster.
+    # Nothing of ours that would make it think it is an xdist worker or pick other settings.
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("HARNESS_", "PYTEST_", "APP_", "CELERY_"))
+    }
+    env["HARNESS_DATABASE_URL"] = services.postgres_admin_url
+    env["HARNESS_REDIS_URL"] = services.redis_url
+    if services.amqp_url is not None:
+        env["HARNESS_AMQP_URL"] = services.amqp_url
+    return env
+
+
+def _junit_failures(path: Path) -> dict[str, str]:
+    """Test name (with its cell id) -> the full failure text, from pytest's JUnit XML."""
+    failures = {}
+    for case in ET.parse(path).getroot().iter("testcase"):
+        for failure in case.iter("failure"):
+            failures[str(case.get("name"))] = failure.text or ""
+    return failures
+
+
+def _cell_id(cell: dict[str, Any]) -> str:
+    return f"{cell['loop_mode']}-{cell['pool']}-{cell['broker']}"
+
+
+def _child_cells(
+    config: HarnessConfig, services: Services
+) -> tuple[list[str], list[str], list[str]]:
+    """The session's own selection of worker cells (so --pool/--broker/--loop-mode narrow the
+    proof as they narrow the matrix), skipping when it cannot show anything."""
+    modes: list[str] = [m for m in LOOP_MODES if m in config.loop_modes]
+    brokers = [b for b in config.brokers if b == "redis" or services.amqp_url is not None]
+    if not any(m.startswith("running_") for m in modes):
+        pytest.skip("the pre-fix runner only fails with a running loop: select a running_* mode")
+    if not brokers:
+        pytest.skip("no selected broker answers here (amqp needs HARNESS_AMQP_URL)")
+    return modes, list(config.pools), brokers
+
+
+def test_prefix_runner_fails_exactly_the_running_cells(
+    request: pytest.FixtureRequest, services: Services, tmp_path: Path
+) -> None:
+    modes, pools, brokers = _child_cells(request.config.stash[harness_config_key], services)
+    report = tmp_path / "prefix.json"
+    junit = tmp_path / "prefix-junit.xml"
+    command = [
+        sys.executable, "-m", "harness", "matrix",
+        "--no-services", "--services=external", "--runner=prefix",
+        f"--loop-mode={','.join(modes)}", f"--pool={','.join(pools)}",
+        f"--broker={','.join(brokers)}", "-n", "0", "-k", "test_success", f"--report={report}",
+        # The full failure texts (the JSON keeps the first lines of each). The scenarios need
+        # none of the API tests' plugins; not loading them saves the child ~1.5 s.
+        "--", f"--junitxml={junit}", "-o", "junit_family=legacy",
+        "-p", "no:schemathesis", "-p", "no:hypothesispytest", "-p", "no:anyio",
+    ]  # fmt: skip
+    child = subprocess.run(
+        command,
+        cwd=ROOT,
+        env=_child_env(services),
+        capture_output=True,
+        text=True,
+        timeout=CHILD_TIMEOUT_S,
+        preexec_fn=_die_with_us(),
+    )
+    output = f"exit code {child.returncode}\n--- stdout\n{child.stdout}\n--- stderr\n{child.stderr}"
+    assert report.exists(), f"`harness matrix` wrote no report:\n{output}"
+    document = json.loads(report.read_text(encoding="utf-8"))
+    assert document["errors"] == [], output
+    assert child.returncode == 1, f"the matrix must report a failure (exit 1):\n{output}"
+
+    cells = {_cell_id(cell): cell for cell in document["cells"]}
+    assert len(cells) == len(modes) * len(pools) * len(brokers), output
+    verdict = {cell_id: cell["status"] for cell_id, cell in cells.items()}
+    expected = {
+        cell_id: "fail" if cell["loop_mode"].startswith("running_") else "pass"
+        for cell_id, cell in cells.items()
+    }
+    assert verdict == expected, f"the harness's verdict is not the expected one:\n{output}"
+
+    failures = _junit_failures(junit)
+    for cell_id, cell in cells.items():
+        if cell["status"] != "fail":
+            continue
+        [(test, message)] = [(f["test"], f["message"]) for f in cell["failures"]]
+        assert test.endswith(f"test_success[{cell_id}]"), test
+        # The harness's own one-line verdict says why: the row failed with the old bug.
+        assert "status is 'failed', expected 'success'" in message, message
+        assert PRE_FIX_ERROR in message, message
+        # The full text also holds the run's worker log lines: "Run N failed: RuntimeError...".
+        full = failures[f"test_success[{cell_id}]"]
+        assert f"failed: {PRE_FIX_ERROR}" in full, full
+        assert "detected_running_loop" not in full, "the pre-fix runner logs no runner line"
+
+
+@pytest.mark.asyncio
+async def test_prefix_runner_fails_the_in_process_cell(
+    in_process_runs: InProcessRuns,
+    marketplace: MarketplaceServer,
+    marketplace_code: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The bonus: the test's own running loop and the pre-fix runner make the runbook's error."""
+    from app.utils import asyncio_runner
+
+    monkeypatch.setattr(asyncio_runner, "run_async_safe", prefix_run_async_safe)
+    run_id = in_process_runs.create(marketplace_code=marketplace_code)
+    run_ingest(run_id)
+
+    row = in_process_runs.store.read(run_id)
+    assert row.status == "failed", row
+    assert row.error_message == PRE_FIX_ERROR, row
+    assert row.finished_at is not None and row.duration_ms is not None, row
+    messages = [line.headline for line in in_process_runs.lines()]
+    assert FAILED_TEMPLATE.format(run_id=run_id, error=PRE_FIX_ERROR) in messages, messages
+    assert in_process_runs.store.count_rows(DOMAIN, marketplace_code=marketplace_code) == 0

@@ -1,0 +1,372 @@
+"""The pytest plugin (``harness.plugin``) end to end, with pytester: options and their ini pairs,
+bad values as usage errors that name the fix, the matrix parametrization and its markers, and
+failure evidence attached to failed tests only.
+
+No servers: the scenarios' fixtures are replaced by one-line stand-ins in each test's conftest.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from harness.config import ConfigError, HarnessConfig
+
+pytest_plugins = ["pytester"]
+
+# Stand-ins for fixtures/worker.py: the plugin only needs fixtures of these names to exist.
+STAND_INS = """
+import pytest
+
+@pytest.fixture
+def matrix_cell(request):
+    return request.param
+
+@pytest.fixture
+def worker_pool(request):
+    return request.param
+"""
+
+# The inner sessions' own ini: quiet about what is not under test here.
+BASE_INI = """
+[pytest]
+asyncio_default_fixture_loop_scope = function
+filterwarnings = ignore::pytest.PytestAssertRewriteWarning
+"""
+
+CELL_TEST = """
+import pytest
+
+def test_cell(matrix_cell):
+    pass
+"""
+
+
+@pytest.fixture
+def project(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> pytest.Pytester:
+    # The outer session's own settings must not reach the inner one.
+    for name in ("LOOP_MODE", "POOL", "BROKER", "SERVICES", "RUNNER"):
+        monkeypatch.delenv(f"HARNESS_{name}", raising=False)
+    pytester.makeconftest(STAND_INS)
+    pytester.makeini(BASE_INI)
+    pytester.makepyfile(test_cells=CELL_TEST)
+    return pytester
+
+
+def collected_ids(result: pytest.RunResult) -> list[str]:
+    """The parameter ids of the collected items, from ``--collect-only -q`` output."""
+    return [
+        line.split("[", 1)[1].rstrip("]")
+        for line in result.outlines
+        if "::" in line and "[" in line
+    ]
+
+
+# -- options, ini, environment ------------------------------------------------------------------
+
+
+def test_options_and_ini_pairs_are_in_one_group(project: pytest.Pytester) -> None:
+    result = project.runpytest("--help")
+
+    text = result.stdout.str()
+    assert "ingest-harness matrix:" in text
+    for flag in ("--loop-mode", "--pool", "--broker", "--services", "--runner"):
+        assert flag in text, flag
+    for ini in ("harness_loop_mode", "harness_pool", "harness_broker", "harness_services"):
+        assert ini in text, ini
+    assert "harness_runner" in text
+
+
+def test_default_matrix_is_every_loop_mode_on_three_pools_and_redis(
+    project: pytest.Pytester,
+) -> None:
+    result = project.runpytest("--collect-only", "-q")
+
+    ids = collected_ids(result)
+    assert len(ids) == 4 * 3 + 1
+    assert "no_loop-prefork-redis" in ids
+    assert "running_uvloop-threads-redis" in ids
+    assert "in_process" in ids
+    assert not any("gevent" in i or "amqp" in i for i in ids)
+
+
+def test_ini_values_select_the_cells(project: pytest.Pytester) -> None:
+    project.makeini(
+        BASE_INI
+        + """
+harness_loop_mode = idle_loop, in_process
+harness_pool = solo
+harness_broker = redis,amqp
+"""
+    )
+    result = project.runpytest("--collect-only", "-q")
+
+    assert collected_ids(result) == ["idle_loop-solo-redis", "idle_loop-solo-amqp", "in_process"]
+
+
+def test_command_line_beats_ini_beats_environment(
+    project: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HARNESS_POOL", "threads")
+    monkeypatch.setenv("HARNESS_LOOP_MODE", "no_loop")
+    project.makeini(BASE_INI + "harness_pool = solo\n")
+
+    from_ini = collected_ids(project.runpytest("--collect-only", "-q"))
+    from_cli = collected_ids(project.runpytest("--collect-only", "-q", "--pool=prefork"))
+
+    assert from_ini == ["no_loop-solo-redis"]  # the pool from ini, the mode from the env
+    assert from_cli == ["no_loop-prefork-redis"]
+
+
+@pytest.mark.parametrize(
+    ("args", "fix"),
+    [
+        (["--pool=prefork,bogus"], "choose from prefork, solo, threads, gevent"),
+        (["--loop-mode=spinning"], "choose from no_loop, idle_loop, running_loop"),
+        (["--broker=kafka"], "choose from redis, amqp"),
+        (["--services=cloud"], "choose from auto, docker, local, external"),
+        (["--runner=legacy"], "choose from fixed, prefix"),
+    ],
+)
+def test_a_bad_value_is_a_usage_error_naming_the_fix(
+    project: pytest.Pytester, args: list[str], fix: str
+) -> None:
+    result = project.runpytest(*args)
+
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    assert fix in result.stderr.str()
+
+
+def test_a_bad_ini_value_is_a_usage_error_too(project: pytest.Pytester) -> None:
+    project.makeini(BASE_INI + "harness_runner = old\n")
+
+    result = project.runpytest()
+
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    assert "--runner: unknown value 'old'; choose from fixed, prefix" in result.stderr.str()
+
+
+def test_runner_resolves_like_the_other_options() -> None:
+    def resolve(option: str | None, ini: str | None, env: dict[str, str]) -> str:
+        config = HarnessConfig.resolve(
+            get_option=lambda name: option if name == "runner" else None,
+            get_ini=lambda name: ini if name == "runner" else None,
+            env=env,
+        )
+        return config.runner
+
+    assert resolve(None, None, {}) == "fixed"
+    assert resolve(None, None, {"HARNESS_RUNNER": "prefix"}) == "prefix"
+    assert resolve(None, "prefix", {"HARNESS_RUNNER": "fixed"}) == "prefix"
+    assert resolve("fixed", "prefix", {}) == "fixed"
+    with pytest.raises(ConfigError, match="choose from fixed, prefix"):
+        HarnessConfig(runner="old")  # type: ignore[arg-type]
+
+
+# -- markers ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "expression", "expected"),
+    [
+        ([], "running_loop and prefork", ["running_loop-prefork-redis"]),
+        ([], "in_process", ["in_process"]),
+        (
+            ["--broker=all", "--loop-mode=running_loop,in_process"],
+            "amqp and solo",
+            ["running_loop-solo-amqp"],
+        ),
+        (["--pool=all"], "gevent and running_uvloop", ["running_uvloop-gevent-redis"]),
+        (
+            ["--pool=solo"],
+            "not no_loop and not idle_loop and not in_process",
+            ["running_loop-solo-redis", "running_uvloop-solo-redis"],
+        ),
+    ],
+)
+def test_markers_select_cells(
+    project: pytest.Pytester, args: list[str], expression: str, expected: list[str]
+) -> None:
+    result = project.runpytest("--collect-only", "-q", *args, "-m", expression)
+
+    assert collected_ids(result) == expected
+
+
+def test_every_cell_is_marked_matrix(project: pytest.Pytester) -> None:
+    project.makepyfile(test_plain="def test_plain():\n    pass\n")
+
+    result = project.runpytest("-m", "matrix", "-q")
+
+    result.assert_outcomes(passed=13)
+
+
+def test_matrix_modes_limits_a_scenario_and_deselects_it_when_none_is_left(
+    project: pytest.Pytester,
+) -> None:
+    project.makepyfile(
+        test_cells="""
+        import pytest
+
+        @pytest.mark.matrix(modes=("in_process",))
+        def test_in_process_only(matrix_cell):
+            assert matrix_cell == ("in_process", "-", "-")
+        """
+    )
+
+    everything = project.runpytest("-q")
+    nothing_left = project.runpytest("-q", "--loop-mode=no_loop")
+
+    everything.assert_outcomes(passed=1)
+    nothing_left.assert_outcomes(deselected=1)
+    assert "empty parameter set" not in nothing_left.stdout.str()
+
+
+def test_an_unknown_mode_in_the_matrix_marker_is_a_collection_error(
+    project: pytest.Pytester,
+) -> None:
+    project.makepyfile(
+        test_cells="""
+        import pytest
+
+        @pytest.mark.matrix(modes=("spinning",))
+        def test_x(matrix_cell):
+            pass
+        """
+    )
+
+    result = project.runpytest("-q")
+
+    assert result.ret == pytest.ExitCode.INTERRUPTED
+    result.stdout.fnmatch_lines(["*matrix(modes=...) has unknown loop mode(s) 'spinning'*"])
+
+
+def test_worker_pool_is_parametrized_over_pools_and_brokers_with_their_markers(
+    project: pytest.Pytester,
+) -> None:
+    project.makepyfile(
+        test_cells="""
+        def test_pool(worker_pool):
+            pass
+        """
+    )
+
+    every = collected_ids(project.runpytest("--collect-only", "-q", "--broker=all"))
+    threads = collected_ids(project.runpytest("--collect-only", "-q", "-m", "threads"))
+
+    assert every == [
+        "prefork-redis",
+        "solo-redis",
+        "threads-redis",
+        "prefork-amqp",
+        "solo-amqp",
+        "threads-amqp",
+    ]
+    assert threads == ["threads-redis"]
+
+
+# -- failure evidence -------------------------------------------------------------------------
+
+EVIDENCE_CONFTEST = (
+    STAND_INS
+    + """
+from harness.plugin import add_failure_detail, phase_failed
+
+CALLS = []
+
+@pytest.fixture
+def evidence(request):
+    def detail():
+        CALLS.append(request.node.name)
+        return ("worker log", "the worker's last lines")
+    add_failure_detail(request.node, detail)
+    yield
+    outcome = "failed" if phase_failed(request.node) else "passed"
+    (request.config.rootpath / f"{request.node.name}.outcome").write_text(outcome)
+
+def pytest_sessionfinish(session):
+    (session.config.rootpath / "calls").write_text(",".join(CALLS))
+"""
+)
+
+
+def test_failure_details_are_attached_to_failures_only(pytester: pytest.Pytester) -> None:
+    pytester.makeconftest(EVIDENCE_CONFTEST)
+    pytester.makeini(BASE_INI)
+    pytester.makepyfile(
+        test_evidence="""
+        def test_good(evidence):
+            pass
+
+        def test_bad(evidence):
+            assert 1 == 2
+        """
+    )
+
+    result = pytester.runpytest("-q", "-p", "no:cacheprovider")
+
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(["*- worker log -*", "the worker's last lines"])
+    # The detail was called for the failed test only; teardown saw each outcome.
+    assert (pytester.path / "calls").read_text() == "test_bad"
+    outcomes = {p.stem: p.read_text() for p in pytester.path.glob("*.outcome")}
+    assert outcomes == {"test_good": "passed", "test_bad": "failed"}
+
+
+def test_a_broken_detail_never_hides_the_failure(pytester: pytest.Pytester) -> None:
+    pytester.makeini(BASE_INI)
+    pytester.makeconftest(
+        """
+        import pytest
+        from harness.plugin import add_failure_detail
+
+        @pytest.fixture
+        def broken(request):
+            def detail():
+                raise OSError("log file gone")
+            add_failure_detail(request.node, detail)
+        """
+    )
+    pytester.makepyfile(
+        test_broken="""
+        def test_bad(broken):
+            assert "row" == "expected row"
+        """
+    )
+
+    result = pytester.runpytest("-q")
+
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*AssertionError*",
+            "*- harness -*",
+            "could not collect failure details: OSError('log file gone')",
+        ]
+    )
+
+
+def test_evidence_goes_with_the_first_failed_phase_only(pytester: pytest.Pytester) -> None:
+    pytester.makeini(BASE_INI)
+    pytester.makeconftest(
+        """
+        import pytest
+        from harness.plugin import add_failure_detail
+
+        @pytest.fixture
+        def breaks_in_teardown(request):
+            add_failure_detail(request.node, lambda: ("worker log", "the lines"))
+            yield
+            raise RuntimeError("teardown broke too")
+        """
+    )
+    pytester.makepyfile(
+        test_twice="""
+        def test_bad(breaks_in_teardown):
+            assert False
+        """
+    )
+
+    result = pytester.runpytest("-q")
+
+    result.assert_outcomes(failed=1, errors=1)
+    sections = [line for line in result.outlines if " worker log " in line and "---" in line]
+    assert len(sections) == 1, result.outlines
