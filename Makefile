@@ -4,6 +4,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
+# e.g. make run RUN_ARGS='--port 8001 --loop-mode running_loop'
+RUN_ARGS ?=
 
 .PHONY: help setup system-deps lint test matrix run flake bench clean
 
@@ -32,14 +34,15 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 
+# worksteal: the other xdist worker takes over tests queued behind a long one (the pre-fix proof).
 test: setup lint
-	$(VENV)/bin/pytest -n 2 $(PYTEST_ARGS)
+	$(VENV)/bin/pytest -n 2 --dist worksteal $(PYTEST_ARGS)
 
 matrix: setup
 	$(VENV)/bin/harness matrix
 
 run: setup
-	$(PY) -m app
+	$(PY) -m app $(RUN_ARGS)
 
 flake: setup
 	$(PY) -m harness flake --runs 20
