@@ -1,0 +1,243 @@
+"""Stack cold start, per-scenario run duration and the default matrix's wall time (-n 0 / -n 2).
+
+Run from the project root::
+
+    .venv/bin/python bench/bench_matrix.py                   # 5 cold starts, each matrix once
+    .venv/bin/python bench/bench_matrix.py --starts 3 --matrix-runs 2
+    .venv/bin/python bench/bench_matrix.py --skip-matrix     # cold start only
+
+Cold start: ``ServiceStack("local")`` start (Postgres + Redis + the session database), alembic
+``upgrade head``, a ``MarketplaceServer`` listening, and one ``CeleryWorkerProcess(pool="solo")``
+answering a control ping, timed phase by phase. Postgres uses the template cache a test session
+uses (the usual case; ``--fresh-template`` forces initdb each time). One untimed warm-up start
+first pays this process's own imports (alembic, SQLAlchemy, Celery), as a pytest session has
+paid them before its fixtures run.
+
+Matrix: ``python -m harness matrix -n 0`` and ``-n 2`` as subprocesses, wall time of the whole
+command (its own service start included). The per-scenario median is the median over every
+test's ``run_durations_ms`` in the JSON reports (falling back to the cells' ``median_run_ms``).
+
+Targets (2-core machine): cold start <= 1.5 s, per-scenario median <= 50 ms, default matrix
+<= 30 s with ``-n 2``, speedup n0/n2 >= 1.6x. Exits 1 if one is missed, 2 if a matrix run
+failed. Other sessions load this machine too: the load average is printed around each
+measurement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from app.migrations import upgrade
+from harness.marketplace import MarketplaceServer
+from harness.services import ServiceStack
+from harness.worker import CeleryWorkerProcess, app_env
+
+PHASES = ("services", "migrations", "marketplace", "worker")
+TARGET_COLD_S = 1.5
+TARGET_SCENARIO_MS = 50.0
+TARGET_MATRIX_N2_S = 30.0
+TARGET_SPEEDUP = 1.6
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load() -> str:
+    one, five, fifteen = os.getloadavg()
+    return f"{one:.2f} {five:.2f} {fifteen:.2f}"
+
+
+def _timed(fn: Callable[[], object]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+class ColdStart(NamedTuple):
+    phases: dict[str, float]  # seconds per phase
+    worker_stop_s: float
+    stack_stop_s: float
+
+    @property
+    def total(self) -> float:
+        return sum(self.phases.values())
+
+
+def cold_start(workdir: Path, env: dict[str, str]) -> ColdStart:
+    """One start of the whole stack, phase by phase; everything is stopped again."""
+    stack = ServiceStack("local", env=env)
+    phases: dict[str, float] = {}
+    worker: CeleryWorkerProcess | None = None
+    marketplace = MarketplaceServer()
+    worker_stop = stack_stop = 0.0
+    try:
+        t0 = time.perf_counter()
+        services = stack.start()
+        phases["services"] = time.perf_counter() - t0
+        phases["migrations"] = _timed(lambda: upgrade(services.postgres_url))
+        phases["marketplace"] = _timed(marketplace.start)
+        worker = CeleryWorkerProcess(
+            env=app_env(
+                database_url=services.postgres_url,
+                broker_url=services.redis_url,
+                marketplace_url=marketplace.url,
+            ),
+            log_dir=workdir,
+            pool="solo",
+        )
+        phases["worker"] = _timed(worker.start)
+    finally:
+        if worker is not None:
+            worker_stop = _timed(worker.stop)
+        marketplace.stop()
+        stack_stop = _timed(stack.stop)
+    return ColdStart(phases, worker_stop, stack_stop)
+
+
+def bench_cold_start(runs: int, fresh_template: bool) -> list[ColdStart]:
+    with tempfile.TemporaryDirectory(prefix="bench-matrix-") as tmp:
+        root = Path(tmp)
+        env = dict(os.environ)
+
+        def env_for(i: int) -> dict[str, str]:
+            return {**env, "XDG_CACHE_HOME": str(root / f"cache-{i}")} if fresh_template else env
+
+        print(f"load before cold start: {load()}")
+        warm = cold_start(root, env_for(-1))
+        print(f"  warm-up (untimed, pays imports): {warm.total * 1000:.0f} ms")
+        results = [cold_start(root, env_for(i)) for i in range(runs)]
+        print(f"load after cold start:  {load()}")
+    return results
+
+
+class MatrixRun(NamedTuple):
+    workers: str
+    wall_s: float
+    exit_code: int
+    report: dict[str, Any]
+
+
+def run_matrix(workers: str, report: Path, extra: Sequence[str]) -> MatrixRun:
+    cmd = [sys.executable, "-m", "harness", "matrix", "-n", workers, "--report", str(report)]
+    cmd += extra
+    print(f"load before `harness matrix -n {workers}`: {load()}")
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False)
+    wall = time.perf_counter() - t0
+    print(
+        f"load after  `harness matrix -n {workers}`: {load()}   "
+        f"({wall:.1f} s, rc {proc.returncode})"
+    )
+    if proc.returncode != 0:
+        print("\n".join(proc.stdout.splitlines()[-15:]))
+        print("\n".join(proc.stderr.splitlines()[-15:]), file=sys.stderr)
+    data: dict[str, Any] = json.loads(report.read_text()) if report.exists() else {}
+    return MatrixRun(workers, wall, proc.returncode, data)
+
+
+def run_durations(report: dict[str, Any]) -> list[float]:
+    runs = [float(ms) for t in report.get("tests", []) for ms in t.get("run_durations_ms", [])]
+    if runs:
+        return runs
+    return [float(c["median_run_ms"]) for c in report.get("cells", []) if c.get("median_run_ms")]
+
+
+def _ms(samples: Sequence[float]) -> str:
+    ms = sorted(s * 1000 for s in samples)
+    return f"median {statistics.median(ms):7.1f} ms  (min {ms[0]:7.1f}, max {ms[-1]:7.1f})"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--starts", type=int, default=5, help="timed cold starts")
+    parser.add_argument("--matrix-runs", type=int, default=1, help="runs of each matrix")
+    parser.add_argument("--fresh-template", action="store_true", help="initdb on every start")
+    parser.add_argument("--skip-matrix", action="store_true")
+    parser.add_argument("matrix_args", nargs="*", help="after --: passed to `harness matrix`")
+    args = parser.parse_args(argv)
+
+    print(
+        f"Python {platform.python_version()}, {platform.platform()}, {os.cpu_count()} CPUs; "
+        "other sessions may load this machine (see the load averages, 1/5/15 min)"
+    )
+    starts = bench_cold_start(args.starts, args.fresh_template)
+    print(f"cold start, {len(starts)} runs (services, migrations, marketplace, worker ping):")
+    print(f"  {'total':<22} {_ms([s.total for s in starts])}")
+    for phase in PHASES:
+        print(f"  {phase:<22} {_ms([s.phases[phase] for s in starts])}")
+    print(f"  {'(worker stop)':<22} {_ms([s.worker_stop_s for s in starts])}")
+    print(f"  {'(stack stop)':<22} {_ms([s.stack_stop_s for s in starts])}")
+
+    rows: list[tuple[str, str, str, bool]] = []
+    cold = statistics.median(s.total for s in starts)
+    rows.append(
+        ("cold start (median)", f"{cold:.2f} s", f"<= {TARGET_COLD_S} s", cold <= TARGET_COLD_S)
+    )
+    failed = False
+    if not args.skip_matrix:
+        walls: dict[str, list[float]] = {"0": [], "2": []}
+        durations: list[float] = []
+        with tempfile.TemporaryDirectory(prefix="bench-matrix-") as tmp:
+            for i in range(args.matrix_runs):
+                for workers in ("0", "2"):
+                    report = Path(tmp) / f"n{workers}-{i}.json"
+                    run = run_matrix(workers, report, args.matrix_args)
+                    failed = failed or run.exit_code != 0
+                    walls[workers].append(run.wall_s)
+                    durations += run_durations(run.report)
+        n0, n2 = statistics.median(walls["0"]), statistics.median(walls["2"])
+        speedup = n0 / n2
+        print(f"matrix wall: -n 0 {walls['0']}, -n 2 {walls['2']} (s)")
+        if durations:
+            scen = statistics.median(durations)
+            print(
+                f"run durations: {len(durations)} samples, quantiles(4) "
+                f"{[round(q) for q in statistics.quantiles(durations, n=4)]} ms"
+            )
+            rows.append(
+                (
+                    "per-scenario median",
+                    f"{scen:.0f} ms",
+                    f"<= {TARGET_SCENARIO_MS:.0f} ms",
+                    scen <= TARGET_SCENARIO_MS,
+                )
+            )
+        else:
+            rows.append(
+                ("per-scenario median", "no data", f"<= {TARGET_SCENARIO_MS:.0f} ms", False)
+            )
+        rows.append(("matrix -n 0 wall", f"{n0:.1f} s", "(not gated)", True))
+        rows.append(
+            (
+                "matrix -n 2 wall",
+                f"{n2:.1f} s",
+                f"<= {TARGET_MATRIX_N2_S:.0f} s",
+                n2 <= TARGET_MATRIX_N2_S,
+            )
+        )
+        rows.append(
+            ("speedup n0/n2", f"{speedup:.2f}x", f">= {TARGET_SPEEDUP}x", speedup >= TARGET_SPEEDUP)
+        )
+
+    print(f"{'measure':<22} {'value':>10} {'target':>12}  result")
+    for name, value, target, ok in rows:
+        verdict = "ok" if ok else "MISSED"
+        print(f"{name:<22} {value:>10} {target:>12}  {verdict}")
+    print(f"load at the end: {load()}")
+    if failed:
+        print("a matrix run did not pass (exit code != 0): its timings are suspect")
+        return 2
+    return 0 if all(ok for *_, ok in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
