@@ -48,6 +48,8 @@ _BIND_FAILED = re.compile(
 _PORT_ATTEMPTS = 5
 _PG_STOP_TIMEOUT = 3.0
 _REDIS_STOP_TIMEOUT = 3.0
+# The dataset file a restart(keep_data=True) hands from the old server to the new one.
+_REDIS_DUMP = "dump.rdb"
 # unix-domain socket paths are limited to 107 bytes on Linux (104 on macOS), incl. the file name
 _MAX_SOCKET_DIR = 80
 
@@ -625,6 +627,86 @@ class LocalRedis:
     ) -> None:
         self.stop()
 
+    def restart(self, *, keep_data: bool = True) -> float:
+        """Stop the server and start a new one on the same port and dir; return the downtime (s).
+
+        What a person's ``systemctl restart redis`` does to the clients: every connection is
+        closed, and whoever reconnects to the same URL finds the new server. With ``keep_data``
+        the old server saves its dataset on the way down (``SHUTDOWN SAVE``) and the new one
+        loads it from the dir, as a Redis with persistence keeps its queues across a restart;
+        without, the new server starts empty (``--save ""`` is how this one is configured).
+
+        Call it from a thread that outlives the server, as ``start()`` (the new process's death
+        signal). If the new server cannot start (the port was taken in between: the URL cannot
+        change, clients have it), raise ServiceStartError and leave this LocalRedis stopped.
+        """
+        proc, port, base = self._proc, self.port, self._dir
+        if proc is None or port is None or base is None:
+            raise RuntimeError("LocalRedis is not started; restart() needs a running server")
+        down_at = time.perf_counter()
+        self._shut_down(proc, port, save=keep_data)
+        if not keep_data:
+            # A dump left by an earlier restart(keep_data=True) would be loaded again.
+            (base / _REDIS_DUMP).unlink(missing_ok=True)
+        server = self._server or find_redis_server(self._env)
+        log_path = base / "redis.log"
+        try:
+            self._proc = _proc.spawn(
+                self._argv(server, port, base, log_path),
+                log_path=log_path,
+                deathsig=signal.SIGKILL,
+                cwd=base,
+            )
+            self.version = self._wait_ready(port, log_path)
+        except _PortTaken:
+            self.stop()
+            raise ServiceStartError(
+                f"redis-server could not restart on 127.0.0.1:{port}: another process took "
+                "the port while it was down",
+                log_tail=_proc.read_tail(log_path),
+                log_path=log_path,
+                fix="retry; clients keep the URL, so the port cannot change on a restart",
+            ) from None
+        except BaseException:
+            self.stop()
+            raise
+        downtime = time.perf_counter() - down_at
+        self._log.info(
+            "redis restarted on 127.0.0.1:%d (pid %s, %s) after %.3fs down",
+            port,
+            self.pid,
+            "dataset kept" if keep_data else "empty",
+            downtime,
+        )
+        return downtime
+
+    def _shut_down(self, proc: subprocess.Popen[bytes], port: int, *, save: bool) -> None:
+        if save:
+            client = redis.Redis(
+                host="127.0.0.1",
+                port=port,
+                socket_connect_timeout=_REDIS_STOP_TIMEOUT,
+                socket_timeout=_REDIS_STOP_TIMEOUT,
+                retry=Retry(NoBackoff(), 0),
+            )
+            try:
+                # redis-py treats the connection the server drops on its way out as success.
+                client.shutdown(save=True)
+            finally:
+                client.close()
+        # Reaped either way, so that the next spawn() is the only process of ours on the port;
+        # after SHUTDOWN the SIGTERM finds it gone (or makes sure of it).
+        _proc.terminate(proc, "redis-server", signal.SIGTERM, _REDIS_STOP_TIMEOUT)
+        self._proc = None
+
+    @staticmethod
+    def _argv(server: Path, port: int, base: Path, log_path: Path) -> list[str | os.PathLike[str]]:
+        return [
+            server, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+            "--appendonly", "no", "--dir", base, "--dbfilename", _REDIS_DUMP,
+            "--daemonize", "no", "--logfile", log_path,
+        ]  # fmt: skip
+
     def _start(self) -> None:
         t0 = time.perf_counter()
         server = self._server or find_redis_server(self._env)
@@ -633,10 +715,7 @@ class LocalRedis:
         log_path = base / "redis.log"
         for attempt in range(1, _PORT_ATTEMPTS + 1):
             port = _proc.pick_free_port()
-            argv: list[str | os.PathLike[str]] = [
-                server, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                "--appendonly", "no", "--dir", base, "--daemonize", "no", "--logfile", log_path,
-            ]  # fmt: skip
+            argv = self._argv(server, port, base, log_path)
             self._proc = _proc.spawn(argv, log_path=log_path, deathsig=signal.SIGKILL, cwd=base)
             self.port = port
             try:

@@ -1,0 +1,72 @@
+"""The Celery app of the fault scenarios' workers: ``harness.worker_app`` plus broker options.
+
+``celery -A harness.fault_worker_app worker ...`` is the harness's usual worker app (the same
+tuning, loop-mode shim and runner choice) with extra kombu transport options taken from
+``HARNESS_BROKER_TRANSPORT_OPTIONS`` (a JSON object). The redelivery scenarios need them: kombu's
+Redis transport hands an unacknowledged message of a dead worker to another consumer only once
+it is older than ``visibility_timeout`` (one hour by default), and looks for such messages every
+``unacked_restore_interval`` x ``unacked_restore_throttle`` seconds (100 s by default).
+
+A module of its own, not an option of ``harness.worker_app``: the farm's workers must never get
+a short visibility timeout (their own long runs would be handed out twice), so the scenarios that
+need one say so by naming this app.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Mapping
+from typing import Any, Final
+
+from celery.signals import worker_ready
+
+from harness.worker_app import app, celery_app
+
+__all__ = ["TRANSPORT_OPTIONS_ENV", "app", "celery_app", "parse_transport_options"]
+
+logger = logging.getLogger("harness.faults")
+
+TRANSPORT_OPTIONS_ENV: Final = "HARNESS_BROKER_TRANSPORT_OPTIONS"
+
+
+def parse_transport_options(raw: str) -> dict[str, Any]:
+    """``HARNESS_BROKER_TRANSPORT_OPTIONS``'s value as a dict; ValueError naming the fix."""
+    try:
+        value = json.loads(raw)
+    except ValueError as exc:
+        raise ValueError(
+            f"{TRANSPORT_OPTIONS_ENV} must be a JSON object such as "
+            f'{{"visibility_timeout": 1}}, got {raw!r}: {exc}'
+        ) from None
+    if not isinstance(value, dict):
+        raise ValueError(
+            f"{TRANSPORT_OPTIONS_ENV} must be a JSON object such as "
+            f'{{"visibility_timeout": 1}}, got a {type(value).__name__}'
+        )
+    return value
+
+
+def _apply(env: Mapping[str, str]) -> None:
+    raw = env.get(TRANSPORT_OPTIONS_ENV, "").strip()
+    if not raw:
+        return
+    # Merged over what harness.worker_app set (the short polling interval stays).
+    celery_app.conf.broker_transport_options = {
+        **(celery_app.conf.broker_transport_options or {}),
+        **parse_transport_options(raw),
+    }
+
+
+def _on_worker_ready(sender: Any = None, **_: Any) -> None:
+    # Logged once logging is set up, so the worker's log says which options it ran with.
+    logger.info(
+        "fault worker app: broker transport options %s",
+        json.dumps(celery_app.conf.broker_transport_options or {}, sort_keys=True),
+    )
+
+
+_apply(os.environ)
+# connect() rather than the decorator form: Celery is untyped, and the function stays typed.
+worker_ready.connect(_on_worker_ready, weak=False)

@@ -1,0 +1,99 @@
+"""Fixtures of the fault scenarios: a database of their own, a run store, dedicated workers.
+
+The fault scenarios kill workers, stop them, restart Redis and terminate every connection of
+their database, so nothing of theirs is shared with the other scenarios: the database is their
+own (one per session and xdist worker, emptied before each test), and so are the workers
+(``harness.faults.FaultWorkers``, never the farm's). The session's Postgres cluster, Redis and
+marketplace are reused: starting them is the expensive part, and nothing here harms them.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import Engine, create_engine, text
+
+from app.migrations import upgrade
+from harness.faults import FaultWorkers
+from harness.marketplace import MarketplaceServer
+from harness.plugin import add_failure_detail
+from harness.runs import RunStore
+from harness.services import Services, create_database, drop_database
+
+_TABLES = "ingest_runs, frontend_prices, stocks"
+
+
+@pytest.fixture(scope="session")
+def fault_database_url(services: Services) -> Iterator[str]:
+    """A migrated database only the fault scenarios use (``pg_terminate_backend`` hits it)."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
+    name = f"faults_{worker}_{secrets.token_hex(4)}"
+    url = create_database(services.postgres_admin_url, name)
+    try:
+        upgrade(url)
+        yield url
+    finally:
+        drop_database(services.postgres_admin_url, name)
+
+
+@pytest.fixture(scope="session")
+def fault_engine(fault_database_url: str) -> Iterator[Engine]:
+    # pre_ping: the scenario that terminates every backend of the database ends ours too.
+    engine = create_engine(fault_database_url, pool_pre_ping=True, pool_size=2, max_overflow=4)
+    try:
+        yield engine
+    finally:
+        engine.dispose()
+
+
+@pytest.fixture
+def fault_db(fault_database_url: str, fault_engine: Engine) -> str:
+    """The fault database, every table emptied (ids restart) before the test; its URL."""
+    with fault_engine.begin() as conn:
+        conn.execute(text(f"TRUNCATE {_TABLES} RESTART IDENTITY"))
+    return fault_database_url
+
+
+@pytest.fixture
+def fault_store(request: pytest.FixtureRequest, fault_db: str, fault_engine: Engine) -> RunStore:
+    """``ingest_runs`` of the fault database, on the harness's own connections."""
+    store = RunStore(fault_engine)
+    add_failure_detail(request.node, lambda: ("ingest_runs rows", _rows_text(fault_engine)))
+    return store
+
+
+def _rows_text(engine: Engine) -> str:
+    with engine.connect() as conn:
+        rows = conn.execute(text("SELECT * FROM ingest_runs ORDER BY id")).mappings().all()
+    return "\n".join(repr(dict(row)) for row in rows) or "(no run)"
+
+
+@pytest.fixture
+def fault_broker_url(services: Services) -> str:
+    """The broker of the test's fault workers: the session's Redis (a module may override it)."""
+    return services.redis_url
+
+
+@pytest.fixture
+def fault_workers(
+    request: pytest.FixtureRequest,
+    fault_broker_url: str,
+    fault_db: str,
+    marketplace: MarketplaceServer,
+    tmp_path: Path,
+) -> Iterator[FaultWorkers]:
+    """Dedicated workers for one test; all stopped after it, their logs kept for a failure."""
+    with FaultWorkers(
+        database_url=fault_db,
+        broker_url=fault_broker_url,
+        marketplace_url=marketplace.url,
+        log_dir=tmp_path,
+    ) as workers:
+        add_failure_detail(request.node, lambda: ("fault workers' logs", workers.log_text()))
+        yield workers
+        # Before the workers stop: a run the test left held would make a warm shutdown wait.
+        marketplace.reset()

@@ -1,0 +1,213 @@
+"""4. Redis restarted while the worker is idle, and while a run is queued: the worker reconnects
+and the run completes.
+
+The broker here is a Redis of the module's own (``LocalRedis``), so restarting it disturbs no
+other scenario's worker; ``LocalRedis.restart()`` stops it and starts a new server on the same
+port and dir, since a worker's broker URL is fixed. A restart that keeps the dataset (``SHUTDOWN
+SAVE`` then a load, as a Redis with persistence does) keeps the queued message; one without
+persistence loses it, and then the run waits in ``queued`` until ``unlock_stale_runs`` frees its
+slot (the third case: the runbook's stuck run again, with the script as its remedy).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+
+import pytest
+import redis
+
+from app.maintenance import MESSAGE_PREFIX, unlock_stale_runs
+from harness.assertions import assert_run_succeeded
+from harness.faults import (
+    STALE_AFTER,
+    FaultWorkers,
+    assert_fault_invariants,
+    hold_source,
+    queued_messages,
+    release_source,
+    served_rows,
+    wait_acknowledged,
+    wait_answers_ping,
+    wait_for,
+    wait_mid_run,
+)
+from harness.logs import LogLine
+from harness.marketplace import MarketplaceServer
+from harness.runs import RunRow, RunStore
+from harness.services import LocalRedis, ServicesUnavailable
+from harness.worker import CeleryWorkerProcess
+
+pytestmark = pytest.mark.integration
+
+PROJECT_ID = 14
+DOMAIN = "frontend_prices"
+# Celery's warning when the broker connection drops (its traceback goes to DEBUG only).
+CONNECTION_LOST = "Connection to broker lost"
+CONNECTED = "Connected to redis://"
+
+
+@pytest.fixture(scope="module")
+def own_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalRedis]:
+    """A Redis only this module's worker uses: restarting it disturbs no other scenario."""
+    server = LocalRedis(workdir=tmp_path_factory.mktemp("redis"))
+    try:
+        server.start()
+    except ServicesUnavailable as exc:
+        pytest.skip(f"a restart needs a local redis-server binary: {exc}")
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def fault_broker_url(own_redis: LocalRedis) -> str:
+    """This module's fault workers use the module's own Redis."""
+    return own_redis.url
+
+
+def _succeeded(row: RunRow, lines: list[LogLine], marketplace: MarketplaceServer) -> None:
+    served = marketplace.expected(row.marketplace_code, DOMAIN)
+    assert_run_succeeded(
+        row,
+        log=lines,
+        project_id=PROJECT_ID,
+        domain=DOMAIN,
+        marketplace=row.marketplace_code,
+        fetched=len(served),
+        pages=marketplace.expected_pages(row.marketplace_code, DOMAIN),
+    )
+
+
+def _reconnected(lines: list[LogLine]) -> bool:
+    lost = [i for i, x in enumerate(lines) if CONNECTION_LOST in x.headline]
+    return bool(lost) and any(CONNECTED in x.headline for x in lines[lost[-1] :])
+
+
+def _saw_the_restart(worker: CeleryWorkerProcess) -> None:
+    """The worker logged losing the broker, then connecting to it again."""
+    worker.wait_for_log(_reconnected, what="the worker losing the broker and connecting again")
+
+
+def test_restart_keeps_the_port_and_optionally_the_data(own_redis: LocalRedis) -> None:
+    port, pid = own_redis.port, own_redis.pid
+    client = redis.Redis.from_url(own_redis.url)
+    try:
+        client.set("fault-probe", "kept")
+        own_redis.restart(keep_data=True)
+        assert (own_redis.port, own_redis.url) == (port, f"redis://127.0.0.1:{port}/0")
+        assert own_redis.pid != pid
+        assert client.get("fault-probe") == b"kept"
+        own_redis.restart(keep_data=False)
+        assert client.get("fault-probe") is None
+    finally:
+        client.close()
+
+
+def test_restart_while_the_worker_is_idle(
+    fault_workers: FaultWorkers,
+    own_redis: LocalRedis,
+    fault_store: RunStore,
+    marketplace: MarketplaceServer,
+) -> None:
+    worker = fault_workers.start()
+    own_redis.restart(keep_data=False)  # an idle worker has nothing to lose
+    _saw_the_restart(worker)
+    # Answering a ping means its consumers are back (the control one starts after the task
+    # one, which declares the queue again on the empty server).
+    wait_answers_ping(worker)
+
+    code = f"mp-{uuid.uuid4().hex[:8]}"
+    run_id = fault_store.create(project_id=PROJECT_ID, marketplace_code=code)
+    worker.send(run_id, loop_mode="no_loop")
+    _succeeded(fault_store.wait_terminal(run_id), worker.log_lines(), marketplace)
+    wait_answers_ping(worker)
+    assert_fault_invariants(
+        fault_store,
+        fault_workers.log_lines(),
+        expected_rows=served_rows(marketplace, code, project_id=PROJECT_ID),
+    )
+
+
+def test_restart_while_a_run_is_queued(
+    fault_workers: FaultWorkers,
+    own_redis: LocalRedis,
+    fault_store: RunStore,
+    marketplace: MarketplaceServer,
+) -> None:
+    worker = fault_workers.start()
+    busy_code, queued_code = (f"mp-{uuid.uuid4().hex[:8]}" for _ in range(2))
+    hold_source(marketplace, busy_code)
+    busy = fault_store.create(project_id=PROJECT_ID, marketplace_code=busy_code)
+    worker.send(busy, loop_mode="no_loop")
+    wait_mid_run(fault_store, busy, marketplace=marketplace, code=busy_code, worker=worker)
+    # The worker is busy with one task at a time: the second message waits in Redis.
+    queued = fault_store.create(project_id=PROJECT_ID, marketplace_code=queued_code)
+    worker.send(queued, loop_mode="no_loop")
+    assert queued_messages(own_redis.url, worker.queue) == 1
+
+    own_redis.restart(keep_data=True)
+
+    assert queued_messages(own_redis.url, worker.queue) == 1, "the restart lost the message"
+    assert fault_store.read(queued).status == "queued"
+    release_source(marketplace, busy_code)
+    _succeeded(fault_store.wait_terminal(busy), worker.log_lines(), marketplace)
+    _succeeded(fault_store.wait_terminal(queued), worker.log_lines(), marketplace)
+    _saw_the_restart(worker)
+    wait_answers_ping(worker)
+    # The busy run's message was delivered before the restart; its ack went to the new server.
+    wait_acknowledged(own_redis.url, worker.queue)
+    assert_fault_invariants(
+        fault_store,
+        fault_workers.log_lines(),
+        expected_rows={
+            **served_rows(marketplace, busy_code, project_id=PROJECT_ID),
+            **served_rows(marketplace, queued_code, project_id=PROJECT_ID),
+        },
+    )
+
+
+def test_restart_without_persistence_loses_the_message_and_the_script_frees_the_run(
+    fault_workers: FaultWorkers,
+    own_redis: LocalRedis,
+    fault_store: RunStore,
+    fault_db: str,
+    marketplace: MarketplaceServer,
+) -> None:
+    worker = fault_workers.start()
+    busy_code, lost_code = (f"mp-{uuid.uuid4().hex[:8]}" for _ in range(2))
+    hold_source(marketplace, busy_code)
+    busy = fault_store.create(project_id=PROJECT_ID, marketplace_code=busy_code)
+    worker.send(busy, loop_mode="no_loop")
+    wait_mid_run(fault_store, busy, marketplace=marketplace, code=busy_code, worker=worker)
+    lost = fault_store.create(project_id=PROJECT_ID, marketplace_code=lost_code)
+    worker.send(lost, loop_mode="no_loop")
+    assert queued_messages(own_redis.url, worker.queue) == 1
+
+    own_redis.restart(keep_data=False)
+
+    release_source(marketplace, busy_code)
+    _succeeded(fault_store.wait_terminal(busy), worker.log_lines(), marketplace)
+    _saw_the_restart(worker)
+    wait_answers_ping(worker)
+    assert queued_messages(own_redis.url, worker.queue) == 0
+    assert fault_store.read(lost).status == "queued", "the lost message cannot have run"
+    wait_for(
+        lambda: True if unlock_stale_runs(fault_db, older_than=STALE_AFTER) else None,
+        timeout=10.0,
+        what=f"unlock_stale_runs finding run {lost} stale",
+    )
+    freed = fault_store.read(lost)
+    assert freed.status == "failed" and freed.started_at is None, freed
+    assert (freed.error_message or "").startswith(
+        f"{MESSAGE_PREFIX}: status was queued, created "
+    ), freed.error_message
+    assert "never started" in (freed.error_message or "")
+    assert freed.finished_at is not None and freed.duration_ms is not None, freed
+    report = assert_fault_invariants(
+        fault_store,
+        fault_workers.log_lines(),
+        expected_rows=served_rows(marketplace, busy_code, project_id=PROJECT_ID),
+    )
+    assert report.recovered == [lost]

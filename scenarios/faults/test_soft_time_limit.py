@@ -1,0 +1,116 @@
+"""6. The job passes Celery's soft time limit: the run is ``failed``, its error says it timed out,
+``duration_ms`` is set; the worker stays alive.
+
+The worker is prefork: only the prefork pool enforces time limits (its pool child gets SIGUSR1
+and the task sees ``SoftTimeLimitExceeded``). Measured on this machine (docs/faults.md): solo
+and threads ignore ``soft_time_limit=0.5`` and the held run succeeds after 2.4 s. The limit is
+an ``apply_async`` option here (``soft_time_limit=``), as a caller may set it per task; the
+service's own default is ``APP_SOFT_TIME_LIMIT_S``.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from typing import Final
+
+import pytest
+
+from harness.assertions import assert_run_failed, assert_run_succeeded
+from harness.faults import (
+    FaultWorkers,
+    assert_fault_invariants,
+    hold_source,
+    served_rows,
+    wait_answers_ping,
+    wait_mid_run,
+)
+from harness.marketplace import MarketplaceServer
+from harness.plugin import add_failure_detail
+from harness.runs import RunStore
+from harness.services import Services
+from harness.worker import CeleryWorkerProcess
+
+pytestmark = pytest.mark.integration
+
+PROJECT_ID: Final = 16
+DOMAIN: Final = "frontend_prices"
+SOFT_LIMIT_S: Final = 0.5
+TIMED_OUT: Final = "SoftTimeLimitExceeded: the run timed out"
+# Celery's own warning in the worker's log when the limit fires.
+CELERY_WARNING: Final = f"Soft time limit ({SOFT_LIMIT_S}s) exceeded for"
+
+
+@pytest.fixture(scope="module")
+def module_workers(
+    services: Services,
+    fault_database_url: str,
+    marketplace_server: MarketplaceServer,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[FaultWorkers]:
+    # One prefork worker for the module's cases: its start and stop are 2-3 s of the budget.
+    with FaultWorkers(
+        database_url=fault_database_url,
+        broker_url=services.redis_url,
+        marketplace_url=marketplace_server.url,
+        log_dir=tmp_path_factory.mktemp("soft-time-limit"),
+    ) as workers:
+        workers.start(pool="prefork", concurrency=1)
+        yield workers
+        marketplace_server.reset()
+
+
+@pytest.fixture
+def prefork(
+    request: pytest.FixtureRequest, module_workers: FaultWorkers, fault_db: str
+) -> Iterator[CeleryWorkerProcess]:
+    del fault_db  # emptied for this test
+    marks = module_workers.marks()
+    add_failure_detail(request.node, lambda: ("worker log", module_workers.log_text(marks)))
+    yield module_workers.workers[0]
+
+
+@pytest.mark.parametrize("loop_mode", ["no_loop", "running_loop"])
+def test_run_past_the_soft_time_limit_fails_as_timed_out(
+    loop_mode: str,
+    prefork: CeleryWorkerProcess,
+    fault_store: RunStore,
+    marketplace: MarketplaceServer,
+) -> None:
+    since = prefork.log_mark()
+    code = f"mp-{uuid.uuid4().hex[:8]}"
+    hold_source(marketplace, code)  # never released: only the limit can end it
+    run_id = fault_store.create(project_id=PROJECT_ID, marketplace_code=code)
+    prefork.send(run_id, loop_mode=loop_mode, soft_time_limit=SOFT_LIMIT_S)
+    wait_mid_run(fault_store, run_id, marketplace=marketplace, code=code, worker=prefork)
+
+    row = fault_store.wait_terminal(run_id, timeout=10.0)
+
+    lines = prefork.log_lines(since)
+    assert_run_failed(row, error=TIMED_OUT, log=lines)
+    assert row.duration_ms is not None and row.duration_ms >= SOFT_LIMIT_S * 1000 - 50, (
+        f"the run ended after {row.duration_ms} ms, before its {SOFT_LIMIT_S} s limit"
+    )
+    assert row.stats_json is None
+    assert any(CELERY_WARNING in line.headline for line in lines), "Celery did not say why"
+
+    # The pool child survived its limit: the same worker runs the next run normally.
+    wait_answers_ping(prefork)
+    next_code = f"mp-{uuid.uuid4().hex[:8]}"
+    next_run = fault_store.create(project_id=PROJECT_ID, marketplace_code=next_code)
+    prefork.send(next_run, loop_mode=loop_mode, soft_time_limit=SOFT_LIMIT_S * 10)
+    served = marketplace.expected(next_code, DOMAIN)
+    assert_run_succeeded(
+        fault_store.wait_terminal(next_run),
+        log=prefork.log_lines(since),
+        project_id=PROJECT_ID,
+        domain=DOMAIN,
+        marketplace=next_code,
+        fetched=len(served),
+        pages=marketplace.expected_pages(next_code, DOMAIN),
+    )
+    assert_fault_invariants(
+        fault_store,
+        prefork.log_lines(since),
+        expected_rows=served_rows(marketplace, next_code, project_id=PROJECT_ID),
+    )
