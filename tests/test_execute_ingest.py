@@ -239,3 +239,19 @@ def test_heartbeat_is_refreshed_while_the_job_runs(
         worker.join(timeout=30)
     assert beat_seen, "heartbeat_at never moved past started_at while the run was running"
     assert store.read(run_id).status == "success"
+
+
+def test_database_errors_keep_only_the_drivers_message() -> None:
+    """error_message is shown by the API and the UI: no SQL statement, no row data in it."""
+    from sqlalchemy.exc import OperationalError
+
+    from app.tasks.ingest import describe_error
+
+    exc = OperationalError(
+        "INSERT INTO frontend_prices (sku, price) VALUES (%(sku)s, %(price)s)",
+        {"sku": "SECRET-SKU", "price": "12.34"},
+        Exception("server closed the connection unexpectedly"),
+    )
+    text = describe_error(exc, 2000)
+    assert text == "OperationalError: server closed the connection unexpectedly"
+    assert "SECRET-SKU" not in text and "INSERT" not in text

@@ -16,7 +16,7 @@ from typing import Any, Final
 
 from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy import update
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
 from app.celery_app import celery_app
 from app.clock import duration_ms, utcnow
@@ -52,6 +52,11 @@ def describe_error(exc: BaseException, max_len: int | None = None) -> str:
             "SoftTimeLimitExceeded: the run timed out: it passed Celery's soft time limit "
             "and was stopped"
         )
+    elif isinstance(exc, DBAPIError) and exc.orig is not None:
+        # SQLAlchemy's own text carries the statement and its parameters (the rows' data);
+        # the API and the UI show error_message, so keep only the driver's message.
+        message = str(exc.orig).strip()
+        text = f"{type(exc).__name__}: {message}" if message else type(exc).__name__
     else:
         message = str(exc).strip()
         text = f"{type(exc).__name__}: {message}" if message else type(exc).__name__
