@@ -457,7 +457,7 @@ def unacked_messages(broker_url: str, queue: str) -> int:
     """
     client = redis.Redis.from_url(broker_url, socket_connect_timeout=5, socket_timeout=5)
     try:
-        entries: dict[bytes, bytes] = client.hgetall("unacked")
+        entries = client.hgetall("unacked")
     finally:
         client.close()
     return sum(1 for raw in entries.values() if json.loads(raw)[2] == queue)
@@ -471,10 +471,13 @@ def forget_unacked(broker_url: str, queues: Iterable[str]) -> int:
     names = set(queues)
     client = redis.Redis.from_url(broker_url, socket_connect_timeout=5, socket_timeout=5)
     try:
-        entries: dict[bytes, bytes] = client.hgetall("unacked")
+        entries = client.hgetall("unacked")
         tags = [tag for tag, raw in entries.items() if json.loads(raw)[2] in names]
         if tags:
-            client.pipeline().hdel("unacked", *tags).zrem("unacked_index", *tags).execute()
+            pipe = client.pipeline()
+            pipe.hdel("unacked", *tags)
+            pipe.zrem("unacked_index", *tags)
+            pipe.execute()
     except Exception:  # cleanup never hides what happened before it
         logger.warning("could not forget the unacked messages of %s", sorted(names), exc_info=True)
         return 0
