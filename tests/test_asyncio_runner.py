@@ -18,6 +18,7 @@ import logging
 import re
 import signal
 import threading
+import time
 import types
 import warnings
 from collections.abc import Callable, Coroutine, Iterator, Mapping
@@ -259,7 +260,21 @@ def check_no_thread_leak(runner: Runner, calls: int = 300) -> None:
         return i
 
     before = threading.active_count()
-    assert [runner(job(i)) for i in range(calls)] == list(range(calls))
+    peak = before
+
+    def counted(i: int) -> int:
+        nonlocal peak
+        result = runner(job(i))
+        peak = max(peak, threading.active_count())
+        return result
+
+    assert [counted(i) for i in range(calls)] == list(range(calls))
+    # Calls one after another reuse a helper instead of piling threads up...
+    assert peak <= before + 2, f"{peak - before} extra threads during {calls} sequential calls"
+    # ...and once idle it exits: after the calls, no more threads than before.
+    deadline = time.monotonic() + 5
+    while threading.active_count() > before and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert threading.active_count() <= before
 
 
@@ -483,7 +498,7 @@ async def test_rejects_non_coroutines_from_running_loop(caplog: pytest.LogCaptur
 @pytest.mark.asyncio
 async def test_thread_path_uses_named_daemon_thread_and_its_own_loop() -> None:
     """Naive asyncio.run() raises RuntimeError; executor threads are neither named like this
-    nor daemon threads, and outlive the call."""
+    nor daemon threads, and never exit while the executor lives."""
     caller_loop = asyncio.get_running_loop()
 
     async def where() -> tuple[threading.Thread, asyncio.AbstractEventLoop]:
@@ -491,16 +506,19 @@ async def test_thread_path_uses_named_daemon_thread_and_its_own_loop() -> None:
         return threading.current_thread(), asyncio.get_running_loop()
 
     first, first_loop = run_async_safe(where())
-    second, _ = run_async_safe(where())
+    second, second_loop = run_async_safe(where())
     for helper in (first, second):
         assert HELPER_NAME.match(helper.name), helper.name
         assert helper.daemon
         assert helper is not threading.main_thread()
-        assert not helper.is_alive()
-    assert first is not second
-    assert first.name != second.name
+    # A helper may be reused for the next call, but never its loop: every call gets a fresh one.
+    assert first_loop is not second_loop
     assert first_loop is not caller_loop
-    assert first_loop.is_closed()
+    assert first_loop.is_closed() and second_loop.is_closed()
+    # An idle helper does not outlive its idle timeout.
+    for helper in (first, second):
+        helper.join(timeout=5)
+        assert not helper.is_alive()
 
 
 def test_no_loop_path_runs_in_the_calling_thread() -> None:
@@ -545,6 +563,8 @@ async def test_interrupted_caller_cancels_coroutine_on_thread_path(
 
     assert excinfo.value is raised[0]
     assert saw_cancel.is_set()
+    # The helper is free again (not stuck in the coroutine): idle, it exits on its timeout.
+    helpers[0].join(timeout=5)
     assert not helpers[0].is_alive()
 
 

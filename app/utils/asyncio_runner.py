@@ -12,8 +12,10 @@ import contextvars
 import inspect
 import itertools
 import logging
+import os
+import queue
 import threading
-from collections.abc import Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from typing import Any, Generic, TypeVar, cast
 
 __all__ = ["run_async_safe"]
@@ -29,7 +31,76 @@ _POLL_SECONDS = 0.05
 # cancellation must not be able to hold the caller (and its time limit) hostage.
 _CANCEL_GRACE_SECONDS = 5.0
 
+# A helper thread that has had no work for this long exits: reuse makes back-to-back calls
+# cheap (a thread start costs more than the loop itself on small VMs) and idle threads never pile
+# up in a long-lived worker.
+_IDLE_SECONDS = 0.2
+
 _thread_numbers = itertools.count(1)
+
+
+class _Helper(threading.Thread):
+    """A daemon thread that runs one call at a time and parks itself between calls."""
+
+    def __init__(self, pool: _HelperThreads) -> None:
+        # Daemon: a wedged coroutine must never keep the worker process from exiting.
+        super().__init__(name=f"run_async_safe-{next(_thread_numbers)}", daemon=True)
+        self.jobs: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._pool = pool
+
+    def run(self) -> None:
+        while True:
+            try:
+                job = self.jobs.get(timeout=_IDLE_SECONDS)
+            except queue.Empty:
+                if self._pool.retire(self):
+                    return
+                continue  # a caller took us just now: its job is on the way
+            job()
+            self._pool.park(self)
+
+
+class _HelperThreads:
+    """Idle helper threads: a caller takes one or starts a new one, never waits for a busy one.
+
+    Never a fixed-size pool: a coroutine running on a helper may call sync code that calls
+    run_async_safe again, and callers in other threads (the ``threads`` pool) must not queue
+    behind each other, so a call always gets a thread of its own for its whole duration.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._idle: list[_Helper] = []
+
+    def submit(self, job: Callable[[], None]) -> None:
+        with self._lock:
+            helper = self._idle.pop() if self._idle else None
+        if helper is None:
+            helper = _Helper(self)
+            helper.start()
+        helper.jobs.put(job)
+
+    def park(self, helper: _Helper) -> None:
+        with self._lock:
+            self._idle.append(helper)
+
+    def retire(self, helper: _Helper) -> bool:
+        with self._lock:
+            if helper in self._idle:
+                self._idle.remove(helper)
+                return True
+            return False
+
+    def forget_after_fork(self) -> None:
+        # A forked child (Celery's prefork pool) has none of its parent's threads: handing a
+        # job to one of them would wait forever.
+        self._lock = threading.Lock()
+        self._idle = []
+
+
+_helpers = _HelperThreads()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_helpers.forget_after_fork)
 
 _PENDING = "pending"
 _RUNNING = "running"
@@ -132,26 +203,16 @@ def _run_in_helper_thread(coro: Coroutine[Any, Any, T], debug: bool) -> T:
     # Copy the caller's context here, in the caller's thread: a worker thread has its own,
     # empty context, which is how executor-based runners lose request/run ids.
     call = _ThreadCall(coro, contextvars.copy_context(), debug)
-    # A fresh thread per call (never a shared pool): a coroutine running here may itself call
-    # sync code that calls run_async_safe again, and callers in other threads must not queue
-    # behind us.
-    thread = threading.Thread(
-        target=call.thread_main,
-        name=f"run_async_safe-{next(_thread_numbers)}",
-        daemon=True,  # a wedged coroutine must never keep the worker process from exiting
-    )
     try:
-        thread.start()
-        # Wait on our own Event, not Thread.join(): on 3.11 a join() interrupted by a signal
-        # handler's exception can mark a still-running thread as stopped (the bpo-45274
-        # handling), and is_alive() would then lie to the clean-up below.
+        # A thread of its own for this call (see _HelperThreads), with a fresh loop.
+        _helpers.submit(call.thread_main)
+        # Wait on our own Event: it wakes as soon as the call is done, and a signal handler's
+        # exception (Celery's soft time limit) interrupts the wait promptly.
         while not call.done.wait(_POLL_SECONDS):
             pass
-        thread.join()
     except BaseException:
         call.abort()
-        if thread.is_alive() and call.done.wait(_CANCEL_GRACE_SECONDS):
-            thread.join(_CANCEL_GRACE_SECONDS)
+        call.done.wait(_CANCEL_GRACE_SECONDS)
         raise
     error = call.error
     if error is not None:
@@ -173,7 +234,8 @@ def run_async_safe(
 
     * No event loop running in this thread: run it on a fresh loop in this thread.
     * A loop already running in this thread (we were called from sync code under it): run it on
-      a fresh loop in a fresh daemon thread and block until it is done.
+      a fresh loop in a separate daemon thread, its own for the call (an idle helper thread is
+      reused, one idle for 0.2 s exits), and block until it is done.
 
     In both cases the caller's contextvars are visible to the coroutine, exceptions (including
     ``BaseException`` subclasses) propagate unchanged, and an event loop merely *set* for this
