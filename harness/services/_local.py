@@ -23,6 +23,7 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
+from typing import Self
 
 import psycopg2
 import redis
@@ -188,7 +189,44 @@ class _PortTaken(Exception):
     """The server lost the race for its port; retry with another one."""
 
 
-class LocalPostgres:
+class _LocalServer:
+    """The lifecycle both local servers share: start once, clean up when the start fails.
+
+    Subclasses set ``_proc`` in ``_start`` and make ``stop`` idempotent.
+    """
+
+    _proc: subprocess.Popen[bytes] | None
+
+    def start(self) -> Self:
+        if self._proc is not None:
+            return self
+        _proc.track(self, self.stop)
+        try:
+            self._start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def _start(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+class LocalPostgres(_LocalServer):
     """A throwaway Postgres cluster (trust auth, user ``postgres``) on a free loopback port.
 
     ``with LocalPostgres() as pg: pg.admin_url`` -- start() cleans up after itself if it fails;
@@ -225,7 +263,7 @@ class LocalPostgres:
         self._use_cache = use_cache
         self._startup_timeout = startup_timeout
         self._log = log or _proc.log
-        self._proc: subprocess.Popen[bytes] | None = None
+        self._proc = None
         self._dir: Path | None = None
         self.port: int | None = None
         self.version: str = ""
@@ -258,17 +296,6 @@ class LocalPostgres:
     def url(self, database: str) -> str:
         return self.admin_url.rsplit("/", 1)[0] + "/" + database
 
-    def start(self) -> LocalPostgres:
-        if self._proc is not None:
-            return self
-        _proc.track(self, self.stop)
-        try:
-            self._start()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
     def stop(self) -> None:
         """Fast shutdown (SIGINT), SIGKILL after a few seconds, remove the temp dir. Idempotent."""
         # Claim each resource before releasing it, so a second (re-entrant, e.g. signal
@@ -289,17 +316,6 @@ class LocalPostgres:
         if base is not None:
             _proc.remove_tree(base, "postgres")
         _proc.untrack(self)
-
-    def __enter__(self) -> LocalPostgres:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     # -- internals --
 
@@ -554,7 +570,7 @@ def _publish_template(stage: Path, template: Path, log: logging.Logger) -> None:
 # --- Redis ---------------------------------------------------------------------------------------
 
 
-class LocalRedis:
+class LocalRedis(_LocalServer):
     """A throwaway redis-server (no persistence) on a free loopback port."""
 
     def __init__(
@@ -571,7 +587,7 @@ class LocalRedis:
         self._workdir = workdir
         self._startup_timeout = startup_timeout
         self._log = log or _proc.log
-        self._proc: subprocess.Popen[bytes] | None = None
+        self._proc = None
         self._dir: Path | None = None
         self.port: int | None = None
         self.version = ""
@@ -591,17 +607,6 @@ class LocalRedis:
     def base_dir(self) -> Path | None:
         return self._dir
 
-    def start(self) -> LocalRedis:
-        if self._proc is not None:
-            return self
-        _proc.track(self, self.stop)
-        try:
-            self._start()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
     def stop(self) -> None:
         """SIGTERM, SIGKILL after a few seconds, remove the temp dir. Idempotent, never raises."""
         proc, self._proc = self._proc, None
@@ -615,17 +620,6 @@ class LocalRedis:
         if base is not None:
             _proc.remove_tree(base, "redis")
         _proc.untrack(self)
-
-    def __enter__(self) -> LocalRedis:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def restart(self, *, keep_data: bool = True) -> float:
         """Stop the server and start a new one on the same port and dir; return the downtime (s).
