@@ -37,9 +37,11 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 from pathlib import Path
-from types import FrameType, TracebackType
+from types import FrameType
 from typing import Any, Final, NamedTuple, Self, cast
 from urllib.parse import parse_qs, unquote, urlsplit
+
+from harness._lifecycle import StartStop
 
 __all__ = [
     "DOMAINS",
@@ -562,7 +564,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(reply.body)
 
 
-class MarketplaceServer:
+class MarketplaceServer(StartStop):
     """The marketplace on ``host:port`` (0: a free port) in a daemon thread; a context manager.
 
     ``with MarketplaceServer() as mp: mp.url`` listens as soon as the block starts. The state
@@ -617,17 +619,6 @@ class MarketplaceServer:
         server.server_close()
         if thread is not None:
             thread.join(timeout=5)
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     @property
     def port(self) -> int:

@@ -25,7 +25,6 @@ import tempfile
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from types import TracebackType
 from typing import Final, Self, TypeVar
 
 from app.api import CeleryEnqueue, create_app
@@ -33,6 +32,7 @@ from app.config import Settings
 from app.db import dispose_engine
 from app.logging_setup import make_formatter
 from app.migrations import upgrade
+from harness._lifecycle import StartStop
 from harness.farm import CONCURRENCY
 from harness.http import ServerStartError, UvicornServer
 from harness.loopmodes import DEFAULT_MODE_ENV, LoopMode, parse_loop_mode
@@ -148,7 +148,7 @@ class _ApiLog:
         self._handler.close()
 
 
-class FullStack:
+class FullStack(StartStop):
     """Services, migrations, marketplace, worker and API+UI, started and stopped together.
 
     ``services``: a ``ServiceMode`` to start Postgres and Redis with the service layer (stopped
@@ -334,17 +334,6 @@ class FullStack:
         self._store = None
         self._worker = None
         self._marketplace = None
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def describe(self) -> str:
         """Every part on one line, "; "-separated: passwords masked, no token."""

@@ -28,13 +28,13 @@ import time
 import uuid
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Final, Self
 
 import kombu.entity
 import psutil
 from celery import Celery
 
+from harness._lifecycle import StartStop
 from harness.logs import LogLine, read_log_file, trace_lines
 from harness.loopmodes import LOOP_MODE_HEADER, LoopMode, parse_loop_mode
 
@@ -119,7 +119,7 @@ class WorkerStartError(RuntimeError):
         self.log_tail = log_tail
 
 
-class CeleryWorkerProcess:
+class CeleryWorkerProcess(StartStop):
     """One ``celery worker`` process, started once; a context manager.
 
     ``env`` holds the service's settings (``APP_DATABASE_URL``, ``APP_BROKER_URL``,
@@ -369,17 +369,6 @@ class CeleryWorkerProcess:
             if group:
                 self._reap(killed=True)
                 self._close_client()
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     # -- process state -----------------------------------------------------------------------
 

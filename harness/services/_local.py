@@ -22,7 +22,6 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from types import TracebackType
 from typing import Self
 
 import psycopg2
@@ -30,6 +29,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from harness._lifecycle import StartStop
 from harness.services import _proc
 from harness.services._base import (
     ProbeResult,
@@ -189,13 +189,14 @@ class _PortTaken(Exception):
     """The server lost the race for its port; retry with another one."""
 
 
-class _LocalServer:
+class _LocalServer(StartStop):
     """The lifecycle both local servers share: start once, clean up when the start fails.
 
     Subclasses set ``_proc`` in ``_start`` and make ``stop`` idempotent.
     """
 
     _proc: subprocess.Popen[bytes] | None
+    _dir: Path | None
 
     def start(self) -> Self:
         if self._proc is not None:
@@ -208,22 +209,17 @@ class _LocalServer:
             raise
         return self
 
-    def stop(self) -> None:
-        raise NotImplementedError
-
     def _start(self) -> None:
         raise NotImplementedError
 
-    def __enter__(self) -> Self:
-        return self.start()
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
+    @property
+    def base_dir(self) -> Path | None:
+        """The temp dir holding the data, the logs and the socket; removed by stop()."""
+        return self._dir
 
 
 class LocalPostgres(_LocalServer):
@@ -279,15 +275,6 @@ class LocalPostgres(_LocalServer):
         if self.port is None:
             raise RuntimeError("LocalPostgres is not started")
         return f"postgresql+psycopg2://postgres@127.0.0.1:{self.port}/postgres"
-
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self._proc else None
-
-    @property
-    def base_dir(self) -> Path | None:
-        """The temp dir holding data/, the logs and the socket; removed by stop()."""
-        return self._dir
 
     @property
     def log_path(self) -> Path | None:
@@ -598,14 +585,6 @@ class LocalRedis(_LocalServer):
         if self.port is None:
             raise RuntimeError("LocalRedis is not started")
         return f"redis://127.0.0.1:{self.port}/0"
-
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self._proc else None
-
-    @property
-    def base_dir(self) -> Path | None:
-        return self._dir
 
     def stop(self) -> None:
         """SIGTERM, SIGKILL after a few seconds, remove the temp dir. Idempotent, never raises."""
