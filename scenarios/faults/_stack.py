@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import httpx
 from sqlalchemy import text
@@ -23,8 +23,10 @@ from sqlalchemy import text
 from harness.faults import RowsKey, assert_fault_invariants
 from harness.runs import RunRow, RunStore
 from harness.services import Services
-from harness.stack import FullStack
 from harness.worker import CeleryWorkerProcess, mask_secrets
+
+if TYPE_CHECKING:
+    from harness.stack import FullStack
 
 __all__ = [
     "api_client",
@@ -66,6 +68,9 @@ def own_stack(
     ``loop_mode`` is the worker's default mode: runs the API enqueues carry no loop-mode header,
     so every run of the stack executes under it.
     """
+    # Lazy: FastAPI, Alembic and the rest of the stack would add to every pytest process's start.
+    from harness.stack import FullStack
+
     database = f"faults_{name}_{secrets.token_hex(4)}"
     with FullStack(
         services=services,

@@ -17,7 +17,6 @@ from pathlib import Path
 import pytest
 from sqlalchemy import Engine, create_engine, text
 
-from app.migrations import upgrade
 from harness.faults import FaultWorkers
 from harness.marketplace import MarketplaceServer
 from harness.plugin import add_failure_detail
@@ -34,6 +33,9 @@ def fault_database_url(services: Services) -> Iterator[str]:
     name = f"faults_{worker}_{secrets.token_hex(4)}"
     url = create_database(services.postgres_admin_url, name)
     try:
+        # Lazy: Alembic would add to every pytest process's (and xdist worker's) start.
+        from app.migrations import upgrade
+
         upgrade(url)
         yield url
     finally:

@@ -13,14 +13,13 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import httpx
 import pytest
 
 from harness.assertions import assert_loop_log, assert_run_succeeded
 from harness.services import Services
-from harness.stack import FullStack
 from scenarios.faults._stack import (
     api_client,
     assert_domain_stored,
@@ -28,6 +27,9 @@ from scenarios.faults._stack import (
     own_stack,
     wait_all_terminal,
 )
+
+if TYPE_CHECKING:
+    from harness.stack import FullStack
 
 pytestmark = pytest.mark.integration
 

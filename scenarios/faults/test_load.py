@@ -15,14 +15,13 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator, Sequence
 from datetime import datetime
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import pytest
 
 from harness.assertions import assert_loop_log, assert_run_succeeded
 from harness.runs import RunRow
 from harness.services import Services
-from harness.stack import FullStack
 from scenarios.faults._stack import (
     api_client,
     assert_domain_stored,
@@ -30,6 +29,9 @@ from scenarios.faults._stack import (
     own_stack,
     wait_all_terminal,
 )
+
+if TYPE_CHECKING:
+    from harness.stack import FullStack
 
 pytestmark = pytest.mark.integration
 

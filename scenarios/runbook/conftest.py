@@ -11,14 +11,17 @@ from __future__ import annotations
 import secrets
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
-from playwright.sync_api import Browser, Page, ViewportSize, sync_playwright
 
-from harness.browser import launch_chromium
 from harness.plugin import harness_config_key
 from harness.services import Services
-from harness.stack import FullStack
+
+if TYPE_CHECKING:
+    from playwright.sync_api import Browser, Page, ViewportSize
+
+    from harness.stack import FullStack
 
 MODE_PARAM = "runbook_mode"
 # Big enough for the table with two runs and their stats in one screenshot.
@@ -44,6 +47,9 @@ def runbook_stack(
     runbook_mode: str, services: Services, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[FullStack]:
     """The whole stack, its worker in ``runbook_mode``, on the session's servers."""
+    # Lazy: FastAPI, Alembic and the rest of the stack would add to every pytest process's start.
+    from harness.stack import FullStack
+
     database = f"runbook_{runbook_mode}_{secrets.token_hex(4)}"
     with FullStack(
         services=services,
@@ -56,6 +62,11 @@ def runbook_stack(
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
+    # Lazy: Playwright would add to every pytest process's (and xdist worker's) start.
+    from playwright.sync_api import sync_playwright
+
+    from harness.browser import launch_chromium
+
     # No skip when chromium is missing: launch_chromium fails, saying how to install it.
     with sync_playwright() as playwright:
         launched = launch_chromium(playwright)

@@ -15,18 +15,16 @@ import json
 import re
 from datetime import UTC
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import httpx
 import pytest
-from playwright.sync_api import Locator, Page, expect
 from sqlalchemy import text
 
 from harness.assertions import assert_loop_log, assert_run_failed, assert_run_succeeded
 from harness.logs import LOOP_MODE_TEMPLATE, LogLine, harness_lines
 from harness.loopmodes import DEFAULT_MODE_ENV
 from harness.runs import RunRow
-from harness.stack import FullStack
 from scenarios.runbook.runbook import (
     STEP4_COLUMNS,
     STEP4_SQL,
@@ -37,6 +35,14 @@ from scenarios.runbook.runbook import (
     find_runbook,
     parse_curl,
 )
+
+if TYPE_CHECKING:
+    from playwright.sync_api import Locator, Page
+
+    # Where it is defined: playwright.sync_api has it but leaves it out of its __all__.
+    from playwright.sync_api._generated import LocatorAssertions
+
+    from harness.stack import FullStack
 
 pytestmark = pytest.mark.integration
 
@@ -62,6 +68,14 @@ RUN_STARTED: Final = re.compile(r"Run (\d+) started")
 # A run takes well under a second; the page polls once a second.
 RUN_TIMEOUT_MS: Final = 30_000
 EM_DASH: Final = "\u2014"
+
+
+def expect(locator: Locator) -> LocatorAssertions:
+    """Playwright's ``expect``, for a locator."""
+    # Lazy: collecting this module (every pytest process does) should not import Playwright.
+    from playwright.sync_api import expect as playwright_expect
+
+    return playwright_expect(locator)
 
 
 # -- the steps -------------------------------------------------------------------------------
