@@ -65,7 +65,7 @@ reports/matrix.json:
               "scenarios", "passed", "failed", "skipped", "median_run_ms",
               "failures": [{"test", "message"}], "skip_reason"}],
    "errors": [...], "tests": [{"test", "loop_mode", "pool", "broker", "outcome", "message",
-   "duration_s", "run_durations_ms"}], "pytest_exit_code", "exit_code"}
+   "duration_s", "run_durations_ms", "celery_worker"}], "pytest_exit_code", "exit_code"}
 
 reports/flake.json (harness flake):
   {"generated_at", "runs", "completed_runs", "selected", "versions",
@@ -364,7 +364,9 @@ def pytest_arguments(opts: Options, *, services_started: bool) -> list[str]:
         f"--runner={config.runner}",
     ]
     if opts.numprocesses != "0":
-        args += ["-n", opts.numprocesses]
+        # Each (pool, broker)'s scenarios to one xdist worker (harness.plugin's xdist_group
+        # marks): each Celery worker is booted once in all, not once per xdist worker.
+        args += ["-n", opts.numprocesses, "--dist", "loadgroup"]
     if opts.keyword:
         args += ["-k", opts.keyword]
     args += opts.pytest_args

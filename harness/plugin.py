@@ -29,12 +29,14 @@ from harness.config import (
 __all__ = [
     "CELL_FIXTURE",
     "POOL_FIXTURE",
+    "XDIST_GROUP_PREFIX",
     "FailureDetail",
     "NotSelected",
     "add_failure_detail",
     "harness_config_key",
     "phase_failed",
     "phase_reports_key",
+    "worker_group",
 ]
 
 harness_config_key: Final = pytest.StashKey[HarnessConfig]()
@@ -42,6 +44,11 @@ harness_config_key: Final = pytest.StashKey[HarnessConfig]()
 phase_reports_key: Final = pytest.StashKey[dict[str, pytest.TestReport]]()
 CELL_FIXTURE: Final = "matrix_cell"
 POOL_FIXTURE: Final = "worker_pool"
+# pytest-xdist's group of every test that runs on the farm's worker for one (pool, broker):
+# under ``--dist loadgroup`` all of them go to one xdist worker, which then boots that Celery
+# worker alone (see fixtures/worker.py), rather than every xdist worker booting every pool's.
+# The scheduler that makes this hold on pytest 9.2 is harness.xdist_groups'.
+XDIST_GROUP_PREFIX: Final = "harness-worker-"
 # A (section title, text) to show under a failed test; called only when a phase failed.
 FailureDetail = Callable[[], tuple[str, str]]
 _failure_details_key: Final = pytest.StashKey[list[FailureDetail]]()
@@ -101,6 +108,8 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "integration: needs the real Postgres and Redis started by the harness"
     )
+    # pytest-xdist registers it too; here for --strict-markers in a session without xdist.
+    config.addinivalue_line("markers", "xdist_group(name): pytest-xdist's --dist loadgroup group")
     try:
         harness_config = HarnessConfig.resolve(
             get_option=lambda name: config.getoption(f"harness_{name}"),
@@ -173,7 +182,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
                 continue
             marks = [getattr(pytest.mark, mode), pytest.mark.matrix]
             if pool != "-":
-                marks.append(getattr(pytest.mark, pool))
+                marks += [getattr(pytest.mark, pool), _worker_group(pool, broker)]
             if broker != "-":
                 marks.append(getattr(pytest.mark, broker))
             cell_id = mode if pool == "-" else f"{mode}-{pool}-{broker}"
@@ -184,12 +193,35 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
             pytest.param(
                 (pool, broker),
                 id=f"{pool}-{broker}",
-                marks=[getattr(pytest.mark, pool), getattr(pytest.mark, broker)],
+                marks=[
+                    getattr(pytest.mark, pool),
+                    getattr(pytest.mark, broker),
+                    _worker_group(pool, broker),
+                ],
             )
             for broker in harness_config.brokers
             for pool in harness_config.pools
         ]
         _parametrize(metafunc, POOL_FIXTURE, pairs, "--pool/--broker")
+
+
+def worker_group(pool: str, broker: str) -> str:
+    """The xdist group of the tests that run on the farm's worker for (pool, broker)."""
+    return f"{XDIST_GROUP_PREFIX}{pool}-{broker}"
+
+
+def _worker_group(pool: str, broker: str) -> pytest.MarkDecorator:
+    return pytest.mark.xdist_group(worker_group(pool, broker))
+
+
+@pytest.hookimpl(optionalhook=True, tryfirst=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object | None:
+    """``--dist loadgroup``: xdist's, plus the (pool, broker) groups (harness.xdist_groups)."""
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from harness.xdist_groups import HarnessGroupScheduling  # only under xdist
+
+    return HarnessGroupScheduling(config, log)
 
 
 def _parametrize(

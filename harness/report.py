@@ -22,6 +22,7 @@ import pytest
 from harness.config import ALL_LOOP_MODES, ALL_POOLS, BROKERS, HarnessConfig
 
 __all__ = [
+    "CELERY_WORKER_PROPERTY",
     "CELL_PROPERTY",
     "EXIT_ERROR",
     "EXIT_NOT_PASSED",
@@ -41,6 +42,7 @@ __all__ = [
     "render_table",
     "summarize_cell",
     "to_json",
+    "without_xdist_group",
     "write_json",
 ]
 
@@ -51,6 +53,8 @@ CellStatus = Literal["pass", "fail", "skipped", "not_run"]
 #: ``record_property`` names the scenarios use (see the module docstring of ``scenarios/``).
 CELL_PROPERTY: Final = "matrix_cell"
 RUN_DURATION_PROPERTY: Final = "run_duration_ms"
+#: The node name of the Celery worker that served the scenario (fixtures/worker.py records it).
+CELERY_WORKER_PROPERTY: Final = "celery_worker"
 
 # A failure message is for a table footer and a JSON report, not a full traceback: the whole
 # traceback stays in the pytest log.
@@ -79,6 +83,8 @@ class TestRecord:
     call_duration_s: float | None = None
     run_durations_ms: tuple[int, ...] = ()
     """One ``run_duration_ms`` property per ingest run the scenario made."""
+    celery_worker: str | None = None
+    """The node name of the Celery worker process that served it (None: in process)."""
 
     @property
     def name(self) -> str:
@@ -96,6 +102,7 @@ class TestRecord:
             "message": self.message,
             "duration_s": round(self.duration_s, 4),
             "run_durations_ms": list(self.run_durations_ms),
+            "celery_worker": self.celery_worker,
         }
 
 
@@ -115,6 +122,13 @@ def cell_from_property(value: object) -> Cell | None:
     if len(parts) != 3 or not all(parts):
         return None
     return (parts[0], parts[1], parts[2])
+
+
+def without_xdist_group(nodeid: str) -> str:
+    """``nodeid`` without the ``@group`` that ``--dist loadgroup`` appends to a grouped test's."""
+    at = nodeid.rfind("@")
+    # As xdist splits it: an "@" inside the parameter id is not a group.
+    return nodeid[:at] if at > nodeid.rfind("]") and at > nodeid.rfind("::") else nodeid
 
 
 def cell_from_nodeid(nodeid: str) -> Cell | None:
@@ -203,11 +217,14 @@ def _properties(report: pytest.TestReport) -> list[tuple[str, object]]:
 def _record_from(nodeid: str, pending: _Pending) -> TestRecord:
     cell: Cell | None = None
     durations: list[int] = []
+    celery_worker: str | None = None
     for name, value in pending.properties:
         if name == CELL_PROPERTY:
             cell = cell_from_property(value) or cell
         elif name == RUN_DURATION_PROPERTY and isinstance(value, int | float):
             durations.append(round(value))
+        elif name == CELERY_WORKER_PROPERTY and isinstance(value, str):
+            celery_worker = value
     outcome: Outcome
     message: str | None
     if pending.failed is not None:
@@ -225,6 +242,7 @@ def _record_from(nodeid: str, pending: _Pending) -> TestRecord:
         duration_s=pending.duration_s,
         call_duration_s=pending.call_duration_s,
         run_durations_ms=tuple(durations),
+        celery_worker=celery_worker,
     )
 
 
@@ -267,7 +285,8 @@ class MatrixCollector:
 
     @pytest.hookimpl
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
-        pending = self._pending.setdefault(report.nodeid, _Pending())
+        nodeid = without_xdist_group(report.nodeid)
+        pending = self._pending.setdefault(nodeid, _Pending())
         props = _properties(report)
         if len(props) >= len(pending.properties):
             pending.properties = props
@@ -284,7 +303,7 @@ class MatrixCollector:
         # A test ends with its teardown report; a crashed xdist worker's item gets one report
         # with when="???" and nothing after it.
         if report.when not in ("setup", "call"):
-            self._finish(report.nodeid)
+            self._finish(nodeid)
 
     def _finish(self, nodeid: str) -> None:
         pending = self._pending.pop(nodeid, None)

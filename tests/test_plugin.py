@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 
 from harness.config import ConfigError, HarnessConfig
+from harness.xdist_groups import pair_from_nodeid
 
 pytest_plugins = ["pytester"]
 
@@ -261,6 +262,63 @@ def test_worker_pool_is_parametrized_over_pools_and_brokers_with_their_markers(
         "threads-amqp",
     ]
     assert threads == ["threads-redis"]
+
+
+# -- xdist: one worker per (pool, broker) under --dist loadgroup ------------------------------
+
+WHERE_TEST = """
+import os
+from pathlib import Path
+
+def _note(request, pair):
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
+    out = Path(str(request.config.rootpath)) / "where"
+    out.mkdir(exist_ok=True)
+    (out / request.node.name).write_text(f"{pair[0]}-{pair[1]} {worker}")
+
+def test_cell(request, matrix_cell):
+    if matrix_cell[1] != "-":
+        _note(request, matrix_cell[1:])
+
+def test_pool(request, worker_pool):
+    _note(request, worker_pool)
+"""
+
+
+def test_loadgroup_sends_each_pools_tests_to_one_xdist_worker(project: pytest.Pytester) -> None:
+    """On pytest 9.2 xdist's own loadgroup drops every group (pytest-dev/pytest-xdist#1386):
+    without the plugin's scheduler these tests spread over both workers."""
+    project.makepyfile(test_cells=WHERE_TEST)
+
+    modes = "--loop-mode=no_loop,idle_loop,running_loop"
+    result = project.runpytest_subprocess("-p", "xdist", "-n", "2", "--dist", "loadgroup", modes)
+
+    result.assert_outcomes(passed=3 * 3 + 3)  # 3 worker modes x 3 pools, plus 3 pool tests
+    workers_of: dict[str, set[str]] = {}
+    for path in (project.path / "where").iterdir():
+        pair, worker = path.read_text().split()
+        workers_of.setdefault(pair, set()).add(worker)
+    assert sorted(workers_of) == ["prefork-redis", "solo-redis", "threads-redis"]
+    assert all(len(workers) == 1 for workers in workers_of.values()), workers_of
+    # Grouped, yet still parallel: the first two groups go to the two workers.
+    assert set().union(*workers_of.values()) == {"gw0", "gw1"}, workers_of
+    assert "@harness-worker-" not in result.stdout.str()
+
+
+@pytest.mark.parametrize(
+    ("nodeid", "pair"),
+    [
+        ("sc/t.py::test_success[running_uvloop-prefork-redis]", ("prefork", "redis")),
+        ("sc/t.py::test_modes_alternate_on_one_worker[threads-amqp]", ("threads", "amqp")),
+        ("sc/t.py::test_x[c2-solo-redis-slow]", ("solo", "redis")),
+        ("sc/t.py::test_success_in_process[in_process]", None),
+        ("sc/t.py::test_load[prefork-c2]", None),
+        ("sc/t.py::test_plain", None),
+        ("sc/t.py::test_x[redis-solo]", None),
+    ],
+)
+def test_pair_from_nodeid(nodeid: str, pair: tuple[str, str] | None) -> None:
+    assert pair_from_nodeid(nodeid) == pair
 
 
 # -- failure evidence -------------------------------------------------------------------------

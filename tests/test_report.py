@@ -30,6 +30,7 @@ from harness.report import (
     render_table,
     summarize_cell,
     to_json,
+    without_xdist_group,
     write_json,
 )
 
@@ -101,12 +102,21 @@ def test_passed_test_records_cell_durations_and_prints_progress() -> None:
     collector = MatrixCollector(stream=out)
     collector.pytest_collection_finish(SimpleNamespace(items=[1] * 48))  # type: ignore[arg-type]
     nodeid = "scenarios/test_a.py::test_success[running_loop-prefork-redis]"
-    props = [cell_prop(PASS_CELL), ("run_duration_ms", 80), ("run_duration_ms", 90)]
-    feed(collector, *phases(nodeid, props=props))
+    props = [
+        cell_prop(PASS_CELL),
+        ("celery_worker", "harness-gw0-1a2b3c4d"),
+        ("run_duration_ms", 80),
+        ("run_duration_ms", 90),
+    ]
+    # As pytest-xdist's loadgroup names a grouped test on pytest < 9.2.
+    feed(collector, *phases(f"{nodeid}@harness-worker-prefork-redis", props=props))
 
     (record,) = collector.records
+    assert record.nodeid == nodeid
     assert record.cell == PASS_CELL
     assert record.outcome == "passed"
+    assert record.celery_worker == "harness-gw0-1a2b3c4d"
+    assert record.to_json()["celery_worker"] == "harness-gw0-1a2b3c4d"
     # Each phase carries every property so far: the durations are not counted twice.
     assert record.run_durations_ms == (80, 90)
     assert record.duration_s == pytest.approx(0.07)
@@ -424,3 +434,19 @@ def test_to_json_schema(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("ms", "text"), [(None, "-"), (85.4, "85ms"), (1234.0, "1.23s")])
 def test_format_ms(ms: float | None, text: str) -> None:
     assert format_ms(ms) == text
+
+
+@pytest.mark.parametrize(
+    ("nodeid", "expected"),
+    [
+        (
+            "sc/t.py::test_a[no_loop-solo-redis]@harness-worker-solo-redis",
+            "sc/t.py::test_a[no_loop-solo-redis]",
+        ),
+        ("sc/t.py::test_a[no_loop-solo-redis]", "sc/t.py::test_a[no_loop-solo-redis]"),
+        ("sc/t.py::test_a[user@host]", "sc/t.py::test_a[user@host]"),
+        ("sc/t.py::test_b@group", "sc/t.py::test_b"),
+    ],
+)
+def test_without_xdist_group(nodeid: str, expected: str) -> None:
+    assert without_xdist_group(nodeid) == expected

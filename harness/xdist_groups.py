@@ -1,0 +1,51 @@
+"""``--dist loadgroup`` that keeps each (pool, broker)'s tests on one xdist worker.
+
+The plugin marks every test that runs on the farm's Celery worker for a (pool, broker) with
+``xdist_group("harness-worker-<pool>-<broker>")``, so that under ``--dist loadgroup`` one xdist
+worker gets all of them and boots that Celery worker alone. pytest-xdist carries a test's group
+from the worker that collected it to the controller that schedules it by appending
+``@<group>`` to the test's node id, and on pytest 9.2 that no longer takes effect: node ids
+became structured and xdist still writes the old attribute, so every group is silently
+dropped (pytest-dev/pytest-xdist#1386, fix pending in #1388).
+
+:class:`HarnessGroupScheduling` is xdist's own ``LoadGroupScheduling`` (groups that do arrive
+as ``@<group>`` are kept), plus the harness's groups read from the node id's parameter id,
+which carries the pool and broker (``test_success[no_loop-prefork-redis]``,
+``test_modes_alternate_on_one_worker[prefork-redis]``). The plugin installs it for
+``--dist loadgroup`` only; every other distribution is xdist's, unchanged.
+"""
+
+from __future__ import annotations
+
+from itertools import pairwise
+
+from xdist.scheduler import LoadGroupScheduling
+
+from harness.config import ALL_POOLS, BROKERS
+from harness.plugin import worker_group
+
+__all__ = ["HarnessGroupScheduling", "pair_from_nodeid"]
+
+
+def pair_from_nodeid(nodeid: str) -> tuple[str, str] | None:
+    """The (pool, broker) in a node id's parameter id: ``pool-broker`` as adjacent tokens."""
+    open_at = nodeid.find("[")
+    close_at = nodeid.rfind("]")
+    if open_at < 0 or close_at < open_at:
+        return None
+    tokens = nodeid[open_at + 1 : close_at].split("-")
+    for pool, broker in pairwise(tokens):
+        if pool in ALL_POOLS and broker in BROKERS:
+            return (pool, broker)
+    return None
+
+
+class HarnessGroupScheduling(LoadGroupScheduling):  # type: ignore[misc]  # xdist: no py.typed
+    """xdist's loadgroup, plus one group per (pool, broker) read from the node ids."""
+
+    def _split_scope(self, nodeid: str) -> str:
+        if nodeid.rfind("@") > nodeid.rfind("]"):
+            # A group that xdist did carry (pytest before 9.2): xdist's own rule.
+            return str(super()._split_scope(nodeid))
+        pair = pair_from_nodeid(nodeid)
+        return nodeid if pair is None else worker_group(*pair)
