@@ -179,6 +179,22 @@ def test_second_run_updates_every_row_and_duplicates_none(
     assert price_rows(db, marketplace_code) == expected_price_rows(served)
 
 
+def test_a_page_over_postgres_parameter_limit_is_stored_and_counted_exactly(
+    clean_db: str, db: Engine, marketplace: MarketplaceServer, marketplace_code: str
+) -> None:
+    # Postgres takes at most 32767 parameters per statement: 5000 rows of 8 bound columns
+    # need more, so the upsert must be split (SQLAlchemy's insertmanyvalues batches).
+    marketplace.configure(marketplace_code, pages=1, page_size=5000)
+    settings = make_settings(clean_db, marketplace.url)
+    first = run_job(settings, marketplace_code)
+    second = run_job(settings, marketplace_code)
+
+    assert first == stats(marketplace_code, "frontend_prices", 1, 5000, 5000, 0)
+    assert second == stats(marketplace_code, "frontend_prices", 1, 5000, 0, 5000)
+    served = marketplace.expected(marketplace_code, "frontend_prices")
+    assert price_rows(db, marketplace_code) == expected_price_rows(served)
+
+
 def test_projects_and_marketplaces_do_not_share_rows(
     clean_db: str, db: Engine, marketplace: MarketplaceServer, marketplace_code: str
 ) -> None:

@@ -11,7 +11,7 @@ import logging
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import aclosing, asynccontextmanager
 from decimal import Decimal, InvalidOperation
-from typing import Annotated, Any, Final
+from typing import Annotated, Any
 
 from pydantic import BaseModel, BeforeValidator, ValidationError
 from sqlalchemy import Boolean, Table, func, literal_column
@@ -37,9 +37,6 @@ __all__ = [
 logger = logging.getLogger("app.ingest.base")
 
 ItemParser = Callable[[Mapping[str, Any]], Mapping[str, Any]]
-
-# asyncpg takes at most 32767 bind parameters per statement.
-_MAX_PARAMS: Final = 32_000
 
 
 class InvalidItemError(ValueError):
@@ -137,26 +134,24 @@ async def _upsert(
     conn: AsyncConnection, table: Table, key_columns: Sequence[str], rows: list[dict[str, Any]]
 ) -> tuple[int, int]:
     """Insert or update ``rows``; how many were inserted and how many updated."""
-    inserted = updated = 0
-    batch = max(1, _MAX_PARAMS // len(rows[0]))
-    for start in range(0, len(rows), batch):
-        stmt = pg_insert(table).values(rows[start : start + batch])
-        changes: dict[str, Any] = {
-            name: stmt.excluded[name] for name in rows[0] if name not in key_columns
-        }
-        if "updated_at" in table.c:
-            changes["updated_at"] = func.now()
-        stmt = stmt.on_conflict_do_update(index_elements=list(key_columns), set_=changes)
-        # xmax is 0 only on a freshly inserted row version: Postgres's own "inserted or updated".
-        result = await conn.execute(
-            stmt.returning(literal_column("(xmax = 0)", Boolean).label("inserted"))
-        )
-        for (was_inserted,) in result:
-            if was_inserted:
-                inserted += 1
-            else:
-                updated += 1
-    return inserted, updated
+    insert = pg_insert(table)
+    changes: dict[str, Any] = {
+        name: insert.excluded[name] for name in rows[0] if name not in key_columns
+    }
+    if "updated_at" in table.c:
+        changes["updated_at"] = func.now()
+    # xmax is 0 only on a freshly inserted row version: Postgres's own "inserted or updated".
+    stmt = insert.on_conflict_do_update(index_elements=list(key_columns), set_=changes).returning(
+        literal_column("(xmax = 0)", Boolean).label("inserted")
+    )
+    # The rows go as parameters of one statement, not inlined with .values(rows): SQLAlchemy
+    # compiles it once and sends the rows as multi-row INSERTs ("insertmanyvalues"), each
+    # within Postgres's limit of 32767 parameters. Inlined, every page was a new statement
+    # compiled bind by bind: ~25 ms of a 65 ms run.
+    result = await conn.execute(stmt, rows)
+    flags = [was_inserted for (was_inserted,) in result]
+    inserted = sum(flags)
+    return inserted, len(flags) - inserted
 
 
 async def run_domain_job(
