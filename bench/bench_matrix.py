@@ -17,6 +17,11 @@ Matrix: ``python -m harness matrix -n 0`` and ``-n 2`` as subprocesses, wall tim
 command (its own service start included). The per-scenario median is the median over every
 test's ``run_durations_ms`` in the JSON reports (falling back to the cells' ``median_run_ms``).
 
+Also printed, not gated: how many Celery worker processes each run used (from the report's
+``celery_worker`` fields), and Amdahl's bound on the ``-n 0`` run: the scenarios' own time
+(count x median test duration) is all that xdist workers can split, the rest is paid once per
+run, so the best ``-n 2`` speedup is (F + W) / (F + W/2) even if xdist cost nothing.
+
 Targets (2-core machine): cold start <= 1.5 s, per-scenario median <= 50 ms, default matrix
 <= 30 s with ``-n 2``, speedup n0/n2 >= 1.6x. Exits 1 if one is missed, 2 if a matrix run
 failed. Other sessions load this machine too: the load average is printed around each
@@ -151,6 +156,41 @@ def run_durations(report: dict[str, Any]) -> list[float]:
     return [float(c["median_run_ms"]) for c in report.get("cells", []) if c.get("median_run_ms")]
 
 
+class Bound(NamedTuple):
+    """Amdahl's law on a ``-n 0`` run: how much two xdist workers could gain at best."""
+
+    scenarios: int
+    typical_s: float  # median test duration (setup + call + teardown)
+    parallel_s: float  # the scenarios' own time: what xdist workers can split
+    fixed_s: float  # the rest of the wall time: paid once per run, whatever -n is
+
+    @property
+    def best_speedup_n2(self) -> float:
+        """-n 0 / -n 2 if xdist itself cost nothing (it costs a second interpreter at least)."""
+        return (self.fixed_s + self.parallel_s) / (self.fixed_s + self.parallel_s / 2)
+
+    def scenarios_for(self, speedup: float) -> int:
+        """How many scenarios of this typical length the target speedup would need."""
+        # (F + W) / (F + W/2) >= s  <=>  W >= F (s - 1) / (1 - s/2), for s < 2.
+        return int(self.fixed_s * (speedup - 1) / (1 - speedup / 2) / self.typical_s) + 1
+
+
+def amdahl(report: dict[str, Any], wall_s: float) -> Bound | None:
+    """The bound from a ``-n 0`` report: its first and last tests also carry the session's
+    set-up and teardown, so the scenarios' own share is their count x the median test."""
+    durations = [float(t["duration_s"]) for t in report.get("tests", []) if "duration_s" in t]
+    if not durations:
+        return None
+    typical = statistics.median(durations)
+    parallel = typical * len(durations)
+    return Bound(len(durations), typical, parallel, wall_s - parallel)
+
+
+def celery_workers(report: dict[str, Any]) -> int:
+    """Celery worker processes that served the run's scenarios (one per pool and broker)."""
+    return len({t["celery_worker"] for t in report.get("tests", []) if t.get("celery_worker")})
+
+
 def _ms(samples: Sequence[float]) -> str:
     ms = sorted(s * 1000 for s in samples)
     return f"median {statistics.median(ms):7.1f} ms  (min {ms[0]:7.1f}, max {ms[-1]:7.1f})"
@@ -186,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_matrix:
         walls: dict[str, list[float]] = {"0": [], "2": []}
         durations: list[float] = []
+        bounds: list[Bound] = []
         with tempfile.TemporaryDirectory(prefix="bench-matrix-") as tmp:
             for i in range(args.matrix_runs):
                 for workers in ("0", "2"):
@@ -194,9 +235,22 @@ def main(argv: list[str] | None = None) -> int:
                     failed = failed or run.exit_code != 0
                     walls[workers].append(run.wall_s)
                     durations += run_durations(run.report)
+                    print(f"  Celery worker processes used: {celery_workers(run.report)}")
+                    bound = amdahl(run.report, run.wall_s) if workers == "0" else None
+                    if bound is not None:
+                        bounds.append(bound)
         n0, n2 = statistics.median(walls["0"]), statistics.median(walls["2"])
         speedup = n0 / n2
         print(f"matrix wall: -n 0 {walls['0']}, -n 2 {walls['2']} (s)")
+        if bounds:
+            b = min(bounds, key=lambda b: b.fixed_s)
+            print(
+                f"Amdahl on -n 0: {b.scenarios} scenarios x {b.typical_s * 1000:.0f} ms = "
+                f"{b.parallel_s:.1f} s that xdist can split; {b.fixed_s:.1f} s paid once per run. "
+                f"Best -n 2 speedup even if xdist cost nothing: {b.best_speedup_n2:.2f}x; "
+                f"{TARGET_SPEEDUP}x would need >= {b.scenarios_for(TARGET_SPEEDUP)} scenarios "
+                "of this length"
+            )
         if durations:
             scen = statistics.median(durations)
             print(
