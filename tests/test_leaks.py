@@ -37,6 +37,7 @@ import pytest
 
 from harness.services import LocalRedis, probe_local
 from harness.services._proc import DIR_PREFIX, default_workdir
+from tests._children import sigint_as_in_a_terminal
 
 pytestmark = pytest.mark.integration
 
@@ -166,6 +167,7 @@ class ChildSession:
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                preexec_fn=sigint_as_in_a_terminal,
             )
 
     @property

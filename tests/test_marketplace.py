@@ -18,6 +18,7 @@ import httpx
 import pytest
 
 from harness.marketplace import DOMAINS, Knobs, Marketplace, MarketplaceServer, ServedRequest
+from tests._children import sigint_as_in_a_terminal
 
 DATA = Path(__file__).resolve().parent.parent / "fixtures" / "data"
 
@@ -384,6 +385,7 @@ def test_runs_standalone_until_interrupted() -> None:
         [sys.executable, "-m", "harness.marketplace", "--port", "0", "--page-size", "100"],
         stdout=subprocess.PIPE,
         text=True,
+        preexec_fn=sigint_as_in_a_terminal,
     )
     try:
         assert proc.stdout is not None
