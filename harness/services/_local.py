@@ -195,8 +195,22 @@ class _LocalServer(StartStop):
     Subclasses set ``_proc`` in ``_start`` and make ``stop`` idempotent.
     """
 
-    _proc: subprocess.Popen[bytes] | None
-    _dir: Path | None
+    def __init__(
+        self,
+        *,
+        workdir: Path | None,
+        env: Mapping[str, str] | None,
+        startup_timeout: float,
+        log: logging.Logger | None,
+    ) -> None:
+        self._env = dict(os.environ if env is None else env)
+        self._workdir = workdir
+        self._startup_timeout = startup_timeout
+        self._log = log or _proc.log
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._dir: Path | None = None
+        self.port: int | None = None
+        self.version = ""
 
     def start(self) -> Self:
         if self._proc is not None:
@@ -252,17 +266,10 @@ class LocalPostgres(_LocalServer):
         startup_timeout: float = 30.0,
         log: logging.Logger | None = None,
     ) -> None:
-        self._env = dict(os.environ if env is None else env)
+        super().__init__(workdir=workdir, env=env, startup_timeout=startup_timeout, log=log)
         self._bindir = bindir
-        self._workdir = workdir
         self._cache_dir = cache_dir
         self._use_cache = use_cache
-        self._startup_timeout = startup_timeout
-        self._log = log or _proc.log
-        self._proc = None
-        self._dir: Path | None = None
-        self.port: int | None = None
-        self.version: str = ""
         self.from_template = False
         self.startup_seconds = 0.0
         self._publisher: threading.Thread | None = None
@@ -569,15 +576,8 @@ class LocalRedis(_LocalServer):
         startup_timeout: float = 15.0,
         log: logging.Logger | None = None,
     ) -> None:
-        self._env = dict(os.environ if env is None else env)
+        super().__init__(workdir=workdir, env=env, startup_timeout=startup_timeout, log=log)
         self._server = server
-        self._workdir = workdir
-        self._startup_timeout = startup_timeout
-        self._log = log or _proc.log
-        self._proc = None
-        self._dir: Path | None = None
-        self.port: int | None = None
-        self.version = ""
 
     @property
     def url(self) -> str:
