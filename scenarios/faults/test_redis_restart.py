@@ -90,6 +90,28 @@ def _saw_the_restart(worker: CeleryWorkerProcess) -> None:
     worker.wait_for_log(_reconnected, what="the worker losing the broker and connecting again")
 
 
+def _one_busy_one_queued(
+    worker: CeleryWorkerProcess,
+    store: RunStore,
+    marketplace: MarketplaceServer,
+    own_redis: LocalRedis,
+) -> tuple[tuple[int, str], tuple[int, str]]:
+    """A run held mid-run on ``worker``, and a second one whose message waits in Redis.
+
+    Returns (run id, marketplace code) of each; the busy run's source stays held.
+    """
+    busy_code, queued_code = (f"mp-{uuid.uuid4().hex[:8]}" for _ in range(2))
+    hold_source(marketplace, busy_code)
+    busy = store.create(project_id=PROJECT_ID, marketplace_code=busy_code)
+    worker.send(busy, loop_mode="no_loop")
+    wait_mid_run(store, busy, marketplace=marketplace, code=busy_code, worker=worker)
+    # The worker is busy with one task at a time: the second message waits in Redis.
+    queued = store.create(project_id=PROJECT_ID, marketplace_code=queued_code)
+    worker.send(queued, loop_mode="no_loop")
+    assert queued_messages(own_redis.url, worker.queue) == 1
+    return (busy, busy_code), (queued, queued_code)
+
+
 def test_restart_keeps_the_port_and_optionally_the_data(own_redis: LocalRedis) -> None:
     port, pid = own_redis.port, own_redis.pid
     client = redis.Redis.from_url(own_redis.url)
@@ -137,15 +159,9 @@ def test_restart_while_a_run_is_queued(
     marketplace: MarketplaceServer,
 ) -> None:
     worker = fault_workers.start()
-    busy_code, queued_code = (f"mp-{uuid.uuid4().hex[:8]}" for _ in range(2))
-    hold_source(marketplace, busy_code)
-    busy = fault_store.create(project_id=PROJECT_ID, marketplace_code=busy_code)
-    worker.send(busy, loop_mode="no_loop")
-    wait_mid_run(fault_store, busy, marketplace=marketplace, code=busy_code, worker=worker)
-    # The worker is busy with one task at a time: the second message waits in Redis.
-    queued = fault_store.create(project_id=PROJECT_ID, marketplace_code=queued_code)
-    worker.send(queued, loop_mode="no_loop")
-    assert queued_messages(own_redis.url, worker.queue) == 1
+    (busy, busy_code), (queued, queued_code) = _one_busy_one_queued(
+        worker, fault_store, marketplace, own_redis
+    )
 
     own_redis.restart(keep_data=True)
 
@@ -176,14 +192,7 @@ def test_restart_without_persistence_loses_the_message_and_the_script_frees_the_
     marketplace: MarketplaceServer,
 ) -> None:
     worker = fault_workers.start()
-    busy_code, lost_code = (f"mp-{uuid.uuid4().hex[:8]}" for _ in range(2))
-    hold_source(marketplace, busy_code)
-    busy = fault_store.create(project_id=PROJECT_ID, marketplace_code=busy_code)
-    worker.send(busy, loop_mode="no_loop")
-    wait_mid_run(fault_store, busy, marketplace=marketplace, code=busy_code, worker=worker)
-    lost = fault_store.create(project_id=PROJECT_ID, marketplace_code=lost_code)
-    worker.send(lost, loop_mode="no_loop")
-    assert queued_messages(own_redis.url, worker.queue) == 1
+    (busy, busy_code), (lost, _) = _one_busy_one_queued(worker, fault_store, marketplace, own_redis)
 
     own_redis.restart(keep_data=False)
 
