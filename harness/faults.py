@@ -74,6 +74,7 @@ __all__ = [
     "queued_messages",
     "release_source",
     "served_rows",
+    "start_held_run",
     "terminate_backends",
     "unacked_messages",
     "wait_acknowledged",
@@ -313,6 +314,28 @@ def hold_source(
     same after :func:`release_source`.
     """
     marketplace.configure(code, latency_s=latency_s, pages=_HELD_PAGES, page_size=_HELD_PAGE_SIZE)
+
+
+def start_held_run(
+    store: RunStore,
+    worker: CeleryWorkerProcess,
+    marketplace: MarketplaceServer,
+    *,
+    project_id: int,
+    loop_mode: str = "no_loop",
+    **send_options: Any,
+) -> tuple[int, str]:
+    """Create a run on a fresh, held marketplace code, send it to ``worker`` and return
+    (run id, code) once it is mid-run (:func:`wait_mid_run`): the moment to provoke a fault.
+
+    ``send_options`` go to ``worker.send`` (``soft_time_limit=...``).
+    """
+    code = f"mp-{uuid.uuid4().hex[:8]}"
+    hold_source(marketplace, code)
+    run_id = store.create(project_id=project_id, marketplace_code=code)
+    worker.send(run_id, loop_mode=loop_mode, **send_options)
+    wait_mid_run(store, run_id, marketplace=marketplace, code=code, worker=worker)
+    return run_id, code
 
 
 def release_source(marketplace: MarketplaceServer, code: str) -> None:

@@ -22,13 +22,12 @@ from harness.faults import (
     BackendTerminator,
     FaultWorkers,
     assert_fault_invariants,
-    hold_source,
     release_source,
     served_rows,
+    start_held_run,
     terminate_backends,
     wait_answers_ping,
     wait_for,
-    wait_mid_run,
 )
 from harness.logs import COMPLETED_RE, FAILED_RE, LogLine, task_lines
 from harness.marketplace import MarketplaceServer
@@ -78,11 +77,9 @@ def test_terminated_connections_mid_run_end_the_run(
     marketplace: MarketplaceServer,
 ) -> None:
     worker = fault_workers.start()
-    code = f"mp-{uuid.uuid4().hex[:8]}"
-    hold_source(marketplace, code)
-    run_id = fault_store.create(project_id=PROJECT_ID, marketplace_code=code)
-    worker.send(run_id, loop_mode=loop_mode)
-    wait_mid_run(fault_store, run_id, marketplace=marketplace, code=code, worker=worker)
+    run_id, code = start_held_run(
+        fault_store, worker, marketplace, project_id=PROJECT_ID, loop_mode=loop_mode
+    )
 
     if flapping:
         # Every connection dies again and again while the run ends: its heartbeats and the

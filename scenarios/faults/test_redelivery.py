@@ -14,7 +14,6 @@ production an hour later. The task must then log it as a no-op:
 from __future__ import annotations
 
 import signal
-import uuid
 
 import pytest
 
@@ -25,14 +24,13 @@ from harness.faults import (
     STALE_AFTER,
     FaultWorkers,
     assert_fault_invariants,
-    hold_source,
     release_source,
     served_rows,
+    start_held_run,
     unacked_messages,
     wait_acknowledged,
     wait_dead,
     wait_heartbeat_older_than,
-    wait_mid_run,
 )
 from harness.logs import COMPLETED_TEMPLATE, STARTING_TEMPLATE, LogLine, task_lines
 from harness.marketplace import MarketplaceServer
@@ -74,11 +72,7 @@ def test_killed_after_the_claim_the_redelivered_message_is_a_no_op(
 ) -> None:
     queue = fault_workers.shared_queue()
     victim = fault_workers.start(pool="prefork", concurrency=1, queue=queue)
-    code = f"mp-{uuid.uuid4().hex[:8]}"
-    hold_source(marketplace, code)
-    run_id = fault_store.create(project_id=PROJECT_ID, marketplace_code=code)
-    victim.send(run_id, loop_mode="no_loop")
-    wait_mid_run(fault_store, run_id, marketplace=marketplace, code=code, worker=victim)
+    run_id, code = start_held_run(fault_store, victim, marketplace, project_id=PROJECT_ID)
     group = victim.group_pids()
     victim.kill(signal.SIGKILL)  # claimed, running, its message unacknowledged
     wait_dead(group)
@@ -111,11 +105,7 @@ def test_killed_after_the_run_before_the_ack_the_redelivered_message_is_a_no_op(
 ) -> None:
     queue = fault_workers.shared_queue()
     victim = fault_workers.start(pool="prefork", concurrency=1, queue=queue)
-    code = f"mp-{uuid.uuid4().hex[:8]}"
-    hold_source(marketplace, code)
-    run_id = fault_store.create(project_id=PROJECT_ID, marketplace_code=code)
-    victim.send(run_id, loop_mode="no_loop")
-    wait_mid_run(fault_store, run_id, marketplace=marketplace, code=code, worker=victim)
+    run_id, code = start_held_run(fault_store, victim, marketplace, project_id=PROJECT_ID)
 
     # Freeze the main process, which is the one that acknowledges; its pool child runs on and
     # finishes the run. Killed now, the worker dies between the finish and the ack.

@@ -23,14 +23,13 @@ from harness.faults import (
     STALE_AFTER,
     FaultWorkers,
     assert_fault_invariants,
-    hold_source,
     queued_messages,
     release_source,
     served_rows,
+    start_held_run,
     wait_acknowledged,
     wait_answers_ping,
     wait_for,
-    wait_mid_run,
 )
 from harness.logs import LogLine
 from harness.marketplace import MarketplaceServer
@@ -100,11 +99,8 @@ def _one_busy_one_queued(
 
     Returns (run id, marketplace code) of each; the busy run's source stays held.
     """
-    busy_code, queued_code = (f"mp-{uuid.uuid4().hex[:8]}" for _ in range(2))
-    hold_source(marketplace, busy_code)
-    busy = store.create(project_id=PROJECT_ID, marketplace_code=busy_code)
-    worker.send(busy, loop_mode="no_loop")
-    wait_mid_run(store, busy, marketplace=marketplace, code=busy_code, worker=worker)
+    busy, busy_code = start_held_run(store, worker, marketplace, project_id=PROJECT_ID)
+    queued_code = f"mp-{uuid.uuid4().hex[:8]}"
     # The worker is busy with one task at a time: the second message waits in Redis.
     queued = store.create(project_id=PROJECT_ID, marketplace_code=queued_code)
     worker.send(queued, loop_mode="no_loop")

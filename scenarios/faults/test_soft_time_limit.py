@@ -21,10 +21,9 @@ from harness.assertions import assert_run_failed, assert_run_succeeded
 from harness.faults import (
     FaultWorkers,
     assert_fault_invariants,
-    hold_source,
     served_rows,
+    start_held_run,
     wait_answers_ping,
-    wait_mid_run,
 )
 from harness.marketplace import MarketplaceServer
 from harness.plugin import add_failure_detail
@@ -94,11 +93,15 @@ def test_run_past_the_soft_time_limit_fails_as_timed_out(
     marketplace: MarketplaceServer,
 ) -> None:
     since = prefork.log_mark()
-    code = f"mp-{uuid.uuid4().hex[:8]}"
-    hold_source(marketplace, code)  # never released: only the limit can end it
-    run_id = fault_store.create(project_id=PROJECT_ID, marketplace_code=code)
-    prefork.send(run_id, loop_mode=loop_mode, soft_time_limit=SOFT_LIMIT_S)
-    wait_mid_run(fault_store, run_id, marketplace=marketplace, code=code, worker=prefork)
+    # Its source is never released: only the limit can end it.
+    run_id, _ = start_held_run(
+        fault_store,
+        prefork,
+        marketplace,
+        project_id=PROJECT_ID,
+        loop_mode=loop_mode,
+        soft_time_limit=SOFT_LIMIT_S,
+    )
 
     row = fault_store.wait_terminal(run_id, timeout=10.0)
 
