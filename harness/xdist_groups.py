@@ -23,6 +23,7 @@ from xdist.scheduler import LoadGroupScheduling
 
 from harness.config import ALL_POOLS, BROKERS
 from harness.plugin import worker_group
+from harness.report import without_xdist_group
 
 __all__ = ["HarnessGroupScheduling", "pair_from_nodeid"]
 
@@ -44,7 +45,7 @@ class HarnessGroupScheduling(LoadGroupScheduling):  # type: ignore[misc]  # xdis
     """xdist's loadgroup, plus one group per (pool, broker) read from the node ids."""
 
     def _split_scope(self, nodeid: str) -> str:
-        if nodeid.rfind("@") > nodeid.rfind("]"):
+        if without_xdist_group(nodeid) != nodeid:
             # A group that xdist did carry (pytest before 9.2): xdist's own rule.
             return str(super()._split_scope(nodeid))
         pair = pair_from_nodeid(nodeid)
