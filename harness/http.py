@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import threading
 import time
-from types import TracebackType
-from typing import Any, Final
+from typing import Any, Final, Self
 
 import uvicorn
+
+from harness._lifecycle import StartStop
 
 __all__ = ["ServerStartError", "UvicornServer"]
 
@@ -23,7 +24,7 @@ class ServerStartError(RuntimeError):
     """uvicorn did not start serving before the deadline, or its thread died."""
 
 
-class UvicornServer:
+class UvicornServer(StartStop):
     """Runs ``app`` with uvicorn on ``host``:``port`` (0 picks a free port) in a daemon thread.
 
     One-shot: started once, stopped once. ``log_level`` is uvicorn's (its access log is on at
@@ -64,7 +65,7 @@ class UvicornServer:
         """``http://127.0.0.1:<port>``, no trailing slash."""
         return f"http://{self._host}:{self.port}"
 
-    def start(self) -> None:
+    def start(self) -> Self:
         if self._used:
             # uvicorn.Server keeps its exit flags: a stopped server cannot serve again.
             raise RuntimeError("a UvicornServer starts once; make a new one to serve again")
@@ -87,6 +88,7 @@ class UvicornServer:
                 )
             time.sleep(_POLL_S)
         self._port = int(self._server.servers[0].sockets[0].getsockname()[1])
+        return self
 
     def stop(self) -> None:
         thread = self._thread
@@ -108,15 +110,3 @@ class UvicornServer:
             # uvicorn exits with SystemExit on bind errors. Kept for start() to report:
             # re-raising in a thread would only print it.
             self._error = exc
-
-    def __enter__(self) -> UvicornServer:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
