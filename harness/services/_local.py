@@ -20,7 +20,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Self
 
@@ -225,6 +225,31 @@ class _LocalServer(StartStop):
 
     def _start(self) -> None:
         raise NotImplementedError
+
+    @staticmethod
+    def _fail_if_exited(
+        proc: subprocess.Popen[bytes],
+        log_path: Path,
+        *,
+        server: str,
+        before: str,
+        port: int,
+        checked: Iterable[str] = (),
+    ) -> None:
+        """While waiting for readiness: a server that exited lost its port (_PortTaken, to
+        retry on another) or failed for a reason its log tells (ServiceStartError)."""
+        if proc.poll() is None:
+            return
+        tail = _proc.read_tail(log_path)
+        if any(_BIND_FAILED.search(line) for line in tail):
+            raise _PortTaken
+        raise ServiceStartError(
+            f"{server} exited with code {proc.returncode} before {before} on 127.0.0.1:{port}",
+            checked=checked,
+            fix="read the server log lines below",
+            log_tail=tail,
+            log_path=log_path,
+        )
 
     @property
     def pid(self) -> int | None:
@@ -468,18 +493,14 @@ class LocalPostgres(_LocalServer):
 
         def check() -> str | None:
             nonlocal last_error
-            if proc.poll() is not None:
-                tail = _proc.read_tail(log_path)
-                if any(_BIND_FAILED.search(line) for line in tail):
-                    raise _PortTaken
-                raise ServiceStartError(
-                    f"postgres exited with code {proc.returncode} before accepting connections "
-                    f"on 127.0.0.1:{port}",
-                    checked=[f"data dir: {data}"],
-                    fix="read the server log lines below",
-                    log_tail=tail,
-                    log_path=log_path,
-                )
+            self._fail_if_exited(
+                proc,
+                log_path,
+                server="postgres",
+                before="accepting connections",
+                port=port,
+                checked=[f"data dir: {data}"],
+            )
             if _pidfile_status(data) not in ("ready", None):
                 return None
             try:
@@ -720,17 +741,9 @@ class LocalRedis(_LocalServer):
 
         def check() -> str | None:
             nonlocal last_error
-            if proc.poll() is not None:
-                tail = _proc.read_tail(log_path)
-                if any(_BIND_FAILED.search(line) for line in tail):
-                    raise _PortTaken
-                raise ServiceStartError(
-                    f"redis-server exited with code {proc.returncode} before answering PING "
-                    f"on 127.0.0.1:{port}",
-                    fix="read the server log lines below",
-                    log_tail=tail,
-                    log_path=log_path,
-                )
+            self._fail_if_exited(
+                proc, log_path, server="redis-server", before="answering PING", port=port
+            )
             # No retries: redis-py's default backoff could sleep past our deadline, and this
             # loop is the retry. Short timeouts: whatever squats on a loopback port answers fast
             # or never.
