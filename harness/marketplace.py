@@ -337,6 +337,17 @@ class Marketplace:
         knobs = self.knobs(code)
         return self._page_count(self._dataset(self._check_domain(domain), knobs), knobs)
 
+    def served_stats(self, code: str, domain: str) -> dict[str, Any]:
+        """What a successful run of ``code``/``domain`` must report in its stats_json, as
+        keyword arguments of ``harness.assertions.assert_run_succeeded``: the domain, the
+        marketplace code, the items fetched (:meth:`expected`) and the pages."""
+        return {
+            "domain": domain,
+            "marketplace": code,
+            "fetched": len(self.expected(code, domain)),
+            "pages": self.expected_pages(code, domain),
+        }
+
     def expected(self, code: str, domain: str) -> list[dict[str, Any]]:
         """Exactly the items a client that retries gets for ``code``/``domain``.
 
@@ -656,6 +667,9 @@ class MarketplaceServer(StartStop):
 
     def expected_pages(self, code: str, domain: str) -> int:
         return self.marketplace.expected_pages(code, domain)
+
+    def served_stats(self, code: str, domain: str) -> dict[str, Any]:
+        return self.marketplace.served_stats(code, domain)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

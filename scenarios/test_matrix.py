@@ -50,10 +50,7 @@ def _check_success(
         row,
         log=lines,
         project_id=PROJECT_ID,
-        domain=DOMAIN,
-        marketplace=code,
-        fetched=len(served),
-        pages=marketplace.expected_pages(code, DOMAIN),
+        **marketplace.served_stats(code, DOMAIN),
     )
     assert_run_log(lines, row.id, mode, runner=runner)
     assert_prices_stored(runs.store, project_id=PROJECT_ID, marketplace_code=code, served=served)

@@ -117,10 +117,7 @@ def test_two_starts_at_once_make_exactly_one_run(
             done[run_id],
             log=lines,
             project_id=project_id,
-            domain=job,
-            marketplace=code,
-            fetched=len(served),
-            pages=stack.marketplace.expected_pages(code, job),
+            **stack.marketplace.served_stats(code, job),
         )
         assert_loop_log(lines, run_id, LOOP_MODE, job_code=job)
         assert_domain_stored(

@@ -123,10 +123,7 @@ def test_fifty_runs_in_running_loop_mode_all_correct(
             row,
             log=lines,
             project_id=project,
-            domain=job,
-            marketplace=code,
-            fetched=len(served),
-            pages=stack.marketplace.expected_pages(code, job),
+            **stack.marketplace.served_stats(code, job),
         )
         # Each key is new: every row is an insert (an update would mean a run wrote another's).
         stats = row.stats_json or {}

@@ -151,10 +151,7 @@ def test_marketplace_fault(
             row,
             log=lines,
             project_id=PROJECT_ID,
-            domain=DOMAIN,
-            marketplace=code,
-            fetched=len(served),
-            pages=marketplace.expected_pages(code, DOMAIN),
+            **marketplace.served_stats(code, DOMAIN),
         )
         if case.fewer_items:
             assert len(served) < PAGES * PAGE_SIZE, "the empty page was not empty"
@@ -186,10 +183,7 @@ def test_marketplace_fault(
         fault_store.wait_terminal(normal),
         log=worker.log_lines(since),
         project_id=PROJECT_ID,
-        domain=DOMAIN,
-        marketplace=normal_code,
-        fetched=len(served),
-        pages=marketplace.expected_pages(normal_code, DOMAIN),
+        **marketplace.served_stats(normal_code, DOMAIN),
     )
     expected.update(served_rows(marketplace, normal_code, project_id=PROJECT_ID))
     assert_fault_invariants(fault_store, worker.log_lines(since), expected_rows=expected)

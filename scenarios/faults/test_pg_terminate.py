@@ -105,15 +105,11 @@ def test_terminated_connections_mid_run_end_the_run(
         assert_run_failed(row, error=CONNECTION_LOST, log=worker.log_lines())
         assert row.stats_json is None
     else:  # a retry got through: then it must be a complete, correct run
-        served = marketplace.expected(code, DOMAIN)
         assert_run_succeeded(
             row,
             log=worker.log_lines(),
             project_id=PROJECT_ID,
-            domain=DOMAIN,
-            marketplace=code,
-            fetched=len(served),
-            pages=marketplace.expected_pages(code, DOMAIN),
+            **marketplace.served_stats(code, DOMAIN),
         )
         expected = served_rows(marketplace, code, project_id=PROJECT_ID)
 
@@ -122,15 +118,11 @@ def test_terminated_connections_mid_run_end_the_run(
     next_code = f"mp-{uuid.uuid4().hex[:8]}"
     next_run = fault_store.create(project_id=PROJECT_ID, marketplace_code=next_code)
     worker.send(next_run, loop_mode=loop_mode)
-    served = marketplace.expected(next_code, DOMAIN)
     assert_run_succeeded(
         fault_store.wait_terminal(next_run),
         log=worker.log_lines(),
         project_id=PROJECT_ID,
-        domain=DOMAIN,
-        marketplace=next_code,
-        fetched=len(served),
-        pages=marketplace.expected_pages(next_code, DOMAIN),
+        **marketplace.served_stats(next_code, DOMAIN),
     )
     expected.update(served_rows(marketplace, next_code, project_id=PROJECT_ID))
     assert_fault_invariants(fault_store, fault_workers.log_lines(), expected_rows=expected)

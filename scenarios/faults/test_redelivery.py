@@ -116,15 +116,11 @@ def test_killed_after_the_run_before_the_ack_the_redelivered_message_is_a_no_op(
         lambda lines: any(x.headline == COMPLETED_TEMPLATE.format(run_id=run_id) for x in lines),
         what=f"run {run_id} completed",
     )
-    served = marketplace.expected(code, DOMAIN)
     assert_run_succeeded(
         done,
         log=victim.log_lines(),
         project_id=PROJECT_ID,
-        domain=DOMAIN,
-        marketplace=code,
-        fetched=len(served),
-        pages=marketplace.expected_pages(code, DOMAIN),
+        **marketplace.served_stats(code, DOMAIN),
     )
     group = victim.group_pids()
     victim.kill(signal.SIGKILL)

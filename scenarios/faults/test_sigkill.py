@@ -97,15 +97,11 @@ def test_sigkilled_run_is_unlocked_and_a_live_run_is_left_alone(
 
     release_source(marketplace, live_code)
     finished = fault_store.wait_terminal(live)
-    served = marketplace.expected(live_code, "frontend_prices")
     assert_run_succeeded(
         finished,
         log=survivor.log_lines(),
         project_id=PROJECT_ID,
-        domain="frontend_prices",
-        marketplace=live_code,
-        fetched=len(served),
-        pages=marketplace.expected_pages(live_code, "frontend_prices"),
+        **marketplace.served_stats(live_code, "frontend_prices"),
     )
 
     assert survivor.ping(), "the survivor no longer answers a ping after its run"

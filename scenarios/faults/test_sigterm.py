@@ -38,15 +38,11 @@ WARM_SHUTDOWN = "worker: Warm shutdown (MainProcess)"
 
 
 def _succeeded(row: RunRow, lines: list[LogLine], marketplace: MarketplaceServer) -> None:
-    served = marketplace.expected(row.marketplace_code, DOMAIN)
     assert_run_succeeded(
         row,
         log=lines,
         project_id=PROJECT_ID,
-        domain=DOMAIN,
-        marketplace=row.marketplace_code,
-        fetched=len(served),
-        pages=marketplace.expected_pages(row.marketplace_code, DOMAIN),
+        **marketplace.served_stats(row.marketplace_code, DOMAIN),
     )
 
 

@@ -118,15 +118,11 @@ def test_run_past_the_soft_time_limit_fails_as_timed_out(
     next_code = f"mp-{uuid.uuid4().hex[:8]}"
     next_run = fault_store.create(project_id=PROJECT_ID, marketplace_code=next_code)
     prefork.send(next_run, loop_mode=loop_mode, soft_time_limit=SOFT_LIMIT_S * 10)
-    served = marketplace.expected(next_code, DOMAIN)
     assert_run_succeeded(
         fault_store.wait_terminal(next_run),
         log=prefork.log_lines(since),
         project_id=PROJECT_ID,
-        domain=DOMAIN,
-        marketplace=next_code,
-        fetched=len(served),
-        pages=marketplace.expected_pages(next_code, DOMAIN),
+        **marketplace.served_stats(next_code, DOMAIN),
     )
     assert_fault_invariants(
         fault_store,

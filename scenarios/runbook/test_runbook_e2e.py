@@ -187,15 +187,11 @@ def test_runbook_steps_2_to_6(
     row = stack.store.read(run_id)
     lines = worker_lines(stack, run_id, since)
     assert status == "success", f"the page shows run {run_id} {status}: {row}"
-    served = stack.marketplace.expected(good_code, DOMAIN)
     assert_run_succeeded(
         row,
         log=lines,
         project_id=PROJECT_ID,
-        domain=DOMAIN,
-        marketplace=good_code,
-        fetched=len(served),
-        pages=stack.marketplace.expected_pages(good_code, DOMAIN),
+        **stack.marketplace.served_stats(good_code, DOMAIN),
     )
 
     # Step 3: the runbook's lines in the worker's log, with the mode's runner line; the mode
