@@ -172,14 +172,8 @@ class ServiceStack:
         pg_url, admin_url, redis_url, pg_version, redis_version = start_external(
             self._env, self.database, self._push, self._log
         )
-        return Services(
-            backend="external",
-            postgres_url=pg_url,
-            postgres_admin_url=admin_url,
-            redis_url=redis_url,
-            amqp_url=resolve_amqp(self._env),
-            postgres_version=pg_version,
-            redis_version=redis_version,
+        return self._services_of(
+            "external", pg_url, admin_url, redis_url, pg_version, redis_version
         )
 
     def _start_local(self) -> Services:
@@ -196,14 +190,8 @@ class ServiceStack:
         rd.start()
         # No drop needed: the database goes with the cluster.
         postgres_url = create_database(pg.admin_url, self.database)
-        return Services(
-            backend="local",
-            postgres_url=postgres_url,
-            postgres_admin_url=pg.admin_url,
-            redis_url=rd.url,
-            amqp_url=resolve_amqp(self._env),
-            postgres_version=pg.version,
-            redis_version=rd.version,
+        return self._services_of(
+            "local", postgres_url, pg.admin_url, rd.url, pg.version, rd.version
         )
 
     def _services_for(
@@ -217,6 +205,18 @@ class ServiceStack:
                 f"the {backend} servers started but do not answer queries: {exc}",
                 fix="read the container logs (`docker logs <id>`)",
             ) from exc
+        return self._services_of(backend, pg_url, admin_url, redis_url, pg_version, redis_version)
+
+    def _services_of(
+        self,
+        backend: Backend,
+        pg_url: str,
+        admin_url: str,
+        redis_url: str,
+        pg_version: str,
+        redis_version: str,
+    ) -> Services:
+        """The started servers, plus the AMQP broker this environment has (if any)."""
         return Services(
             backend=backend,
             postgres_url=pg_url,
