@@ -28,7 +28,6 @@ import os
 import re
 import signal
 import threading
-import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -51,6 +50,7 @@ from harness.logs import LogLine, tracebacks
 from harness.marketplace import MarketplaceServer
 from harness.runs import RunRow, RunStore
 from harness.services._base import libpq_dsn
+from harness.services._proc import poll_until
 from harness.worker import CeleryWorkerProcess, app_env, mask_secrets
 
 __all__ = [
@@ -137,15 +137,11 @@ def wait_for(
 
     ``describe`` adds what was seen last to the error (a row, a log tail).
     """
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result is not None:
-            return result
-        if time.monotonic() >= deadline:
-            seen = f"; last seen: {describe()}" if describe is not None else ""
-            raise TimeoutError(f"{what} did not happen within {timeout:g} s{seen}")
-        time.sleep(_POLL_S)
+    result = poll_until(check, timeout=timeout, interval=_POLL_S)
+    if result is None:
+        seen = f"; last seen: {describe()}" if describe is not None else ""
+        raise TimeoutError(f"{what} did not happen within {timeout:g} s{seen}")
+    return result
 
 
 def _log_tail(worker: CeleryWorkerProcess) -> str:

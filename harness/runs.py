@@ -6,7 +6,6 @@ the worker committed.
 
 from __future__ import annotations
 
-import time
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import Any
@@ -14,6 +13,7 @@ from typing import Any
 from sqlalchemy import Engine, create_engine, text
 
 from app.models import TERMINAL_STATUSES
+from harness.services._proc import poll_until
 
 __all__ = [
     "RunNotTerminalError",
@@ -123,20 +123,22 @@ class RunStore:
 
     def wait_terminal(self, run_id: int, *, timeout: float = 30.0, poll: float = 0.01) -> RunRow:
         """Poll until the run is ``success`` or ``failed``; a deadline, never a fixed sleep."""
-        deadline = time.monotonic() + timeout
-        row: RunRow | None = None
-        while True:
-            row = self.get(run_id)
-            if row is not None and row.terminal:
-                return row
-            if time.monotonic() >= deadline:
-                state = "no such row" if row is None else f"status {row.status!r}"
-                raise RunNotTerminalError(
-                    f"run {run_id} is not terminal after {timeout:.1f}s ({state}); "
-                    "is the worker consuming its queue? see the worker log below",
-                    row,
-                )
-            time.sleep(poll)
+        last: RunRow | None = None
+
+        def terminal() -> RunRow | None:
+            nonlocal last
+            last = self.get(run_id)
+            return last if last is not None and last.terminal else None
+
+        row = poll_until(terminal, timeout=timeout, interval=poll)
+        if row is None:
+            state = "no such row" if last is None else f"status {last.status!r}"
+            raise RunNotTerminalError(
+                f"run {run_id} is not terminal after {timeout:.1f}s ({state}); "
+                "is the worker consuming its queue? see the worker log below",
+                last,
+            )
+        return row
 
     def count_rows(self, table: str, **where: object) -> int:
         if table not in {"frontend_prices", "stocks", "ingest_runs"}:

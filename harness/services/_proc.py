@@ -201,12 +201,7 @@ def _has_exited(proc: subprocess.Popen[bytes]) -> bool:
 def _wait(cond: Callable[[], bool], timeout: float) -> bool:
     # Polling, not Popen.wait(): wait() blocks on a lock that a signal handler calling stop()
     # could find held by the very frame it interrupted.
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(0.01)
-    return True
+    return poll_until(lambda: True if cond() else None, timeout=timeout) is not None
 
 
 def terminate(
