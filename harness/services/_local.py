@@ -226,6 +226,26 @@ class _LocalServer(StartStop):
     def _start(self) -> None:
         raise NotImplementedError
 
+    def _stop_server(self, name: str, sig: signal.Signals, timeout: float, dir_label: str) -> None:
+        """Stop the process (``sig``, then SIGKILL after ``timeout``), remove the temp dir."""
+        # Claim each resource before releasing it, so a second (re-entrant, e.g. signal
+        # handler) call finds nothing left to do instead of doing it twice.
+        proc, self._proc = self._proc, None
+        base, self._dir = self._dir, None
+        self.port = None
+        try:
+            if proc is not None:
+                _proc.terminate(proc, name, sig, timeout)
+        except Exception:
+            self._log.exception("error stopping %s (pid %d)", name, proc.pid if proc else -1)
+        self._before_removing_dir()
+        if base is not None:
+            _proc.remove_tree(base, dir_label)
+        _proc.untrack(self)
+
+    def _before_removing_dir(self) -> None:
+        """What a subclass must finish with the server down and its dir still there."""
+
     @staticmethod
     def _fail_if_exited(
         proc: subprocess.Popen[bytes],
@@ -317,24 +337,14 @@ class LocalPostgres(_LocalServer):
 
     def stop(self) -> None:
         """Fast shutdown (SIGINT), SIGKILL after a few seconds, remove the temp dir. Idempotent."""
-        # Claim each resource before releasing it, so a second (re-entrant, e.g. signal
-        # handler) call finds nothing left to do instead of doing it twice.
-        proc, self._proc = self._proc, None
-        base, self._dir = self._dir, None
-        self.port = None
-        try:
-            if proc is not None:
-                _proc.terminate(proc, "postgres", signal.SIGINT, _PG_STOP_TIMEOUT)
-        except Exception:
-            self._log.exception("error stopping postgres (pid %d)", proc.pid if proc else -1)
+        self._stop_server("postgres", signal.SIGINT, _PG_STOP_TIMEOUT, "postgres")
+
+    def _before_removing_dir(self) -> None:
         publisher, self._publisher = self._publisher, None
         if publisher is not None:
             publisher.join(_PUBLISH_WAIT)
             if publisher.is_alive():
                 self._log.warning("still copying the template cache after %.0fs", _PUBLISH_WAIT)
-        if base is not None:
-            _proc.remove_tree(base, "postgres")
-        _proc.untrack(self)
 
     # -- internals --
 
@@ -609,17 +619,7 @@ class LocalRedis(_LocalServer):
 
     def stop(self) -> None:
         """SIGTERM, SIGKILL after a few seconds, remove the temp dir. Idempotent, never raises."""
-        proc, self._proc = self._proc, None
-        base, self._dir = self._dir, None
-        self.port = None
-        try:
-            if proc is not None:
-                _proc.terminate(proc, "redis-server", signal.SIGTERM, _REDIS_STOP_TIMEOUT)
-        except Exception:
-            self._log.exception("error stopping redis-server (pid %d)", proc.pid if proc else -1)
-        if base is not None:
-            _proc.remove_tree(base, "redis")
-        _proc.untrack(self)
+        self._stop_server("redis-server", signal.SIGTERM, _REDIS_STOP_TIMEOUT, "redis")
 
     def restart(self, *, keep_data: bool = True) -> float:
         """Stop the server and start a new one on the same port and dir; return the downtime (s).
