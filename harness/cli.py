@@ -44,7 +44,16 @@ from harness.report import (
     to_json,
     write_json,
 )
-from harness.services import Services, ServicesError, ServiceStack
+from harness.services import DockerImages, Services, ServicesError, ServiceStack
+from harness.services._compose import (
+    COMPOSE_FILE,
+    COMPOSE_PROJECT,
+    compose_down,
+    compose_file,
+    compose_up,
+    endpoints,
+    project_name,
+)
 
 __all__ = ["build_parser", "main"]
 
@@ -118,8 +127,20 @@ def _add_common(
     run.add_argument(
         "--services",
         metavar="MODE",
-        help="where Postgres and Redis come from: auto|docker|local|external (default: auto, "
-        "or HARNESS_SERVICES); started once here and shared with every pytest worker",
+        help="where Postgres and Redis come from: auto|docker|local|external|compose (default: "
+        "auto, or HARNESS_SERVICES); started once here and shared with every pytest worker",
+    )
+    run.add_argument(
+        "--postgres-image",
+        metavar="IMAGE",
+        help="the Postgres image of the docker backend (default: postgres:16-alpine, or "
+        "HARNESS_POSTGRES_IMAGE)",
+    )
+    run.add_argument(
+        "--redis-image",
+        metavar="IMAGE",
+        help="the Redis image of the docker backend (default: redis:7-alpine, or "
+        "HARNESS_REDIS_IMAGE)",
     )
     run.add_argument(
         "--runner",
@@ -201,7 +222,47 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help=f"how many times to run the matrix (default: {DEFAULT_FLAKE_RUNS})",
     )
+    compose = commands.add_parser(
+        "compose",
+        help="bring docker-compose.test.yml's services up (healthy) or down",
+        description="up: start the project of docker-compose.test.yml and wait until Postgres, "
+        "Redis and RabbitMQ are healthy, then print where they listen; the harness then runs "
+        "on them with --services=compose. down: remove the project with its volumes. ps: show "
+        "the services. The project name is HARNESS_COMPOSE_PROJECT (default "
+        f"{COMPOSE_PROJECT}); image variables as for the docker backend.",
+    )
+    compose.add_argument("action", choices=("up", "down", "ps"))
+    compose.add_argument(
+        "--file",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help=f"the compose file (default: {COMPOSE_FILE}, or HARNESS_COMPOSE_FILE)",
+    )
     return parser
+
+
+def _cmd_compose(ns: argparse.Namespace) -> int:
+    env = dict(os.environ)
+    file = ns.file or compose_file(env)
+    if ns.action == "down":
+        compose_down(env, file=file)
+        print(f"compose: project {project_name(env)!r} removed")
+        return EXIT_OK
+    if ns.action == "up":
+        print(f"compose: starting project {project_name(env)!r} from {file}...", flush=True)
+        found = compose_up(env, file=file)
+    else:
+        found = endpoints(env)
+    for one in found.values():
+        where = f"{one.host}:{one.port}" if one.port else "no published port"
+        print(f"  {one.service:<9} {one.health:<10} {where:<22} {one.image}")
+    if ns.action == "ps" and not found:
+        print(f"compose: project {project_name(env)!r} is not up")
+        return EXIT_NOT_PASSED
+    if ns.action == "up":
+        print("run on it with: harness matrix --services=compose (or pytest --services=compose)")
+    return EXIT_OK
 
 
 @dataclass(frozen=True)
@@ -238,6 +299,8 @@ def parse_options(argv: Sequence[str]) -> Options:
         "broker": ns.broker,
         "services": ns.services,
         "runner": ns.runner,
+        "postgres_image": ns.postgres_image,
+        "redis_image": ns.redis_image,
     }
     try:
         # The same precedence as the pytest plugin (option > ini > HARNESS_* env); the plugin
@@ -286,7 +349,9 @@ def _services(opts: Options) -> Iterator[Services | None]:
         yield None
         return
     print(f"starting services ({opts.config.services})...", flush=True)
-    with ServiceStack(opts.config.services) as services:
+    config = opts.config
+    images = DockerImages(postgres=config.postgres_image, redis=config.redis_image)
+    with ServiceStack(config.services, images=images) as services:
         print(services.describe(), flush=True)
         yield services
 
@@ -337,6 +402,19 @@ def versions(services: Services | None) -> dict[str, str | None]:
         "sqlalchemy": _package_version("sqlalchemy"),
         "postgres": services.postgres_version if services else None,
         "redis": services.redis_version if services else None,
+    }
+
+
+def served_by(services: Services | None) -> dict[str, Any] | None:
+    """Which backend served the session and what exactly ran there (passwords masked)."""
+    if services is None:
+        return None
+    return {
+        "backend": services.backend,
+        "postgres": services.postgres_version,
+        "redis": services.redis_version,
+        "amqp": services.masked().amqp_url,
+        "images": dict(services.images),
     }
 
 
@@ -455,6 +533,7 @@ def run_matrix(opts: Options, services: Services | None) -> MatrixResult:
         collector.records,
         errors=_pytest_errors(opts, exit_code, collector),
         pytest_exit_code=exit_code,
+        served_by=served_by(services),
     )
     print()
     print(render_table(result))
@@ -638,6 +717,7 @@ def _cmd_flake(opts: Options) -> int:
             non_passes.extend(_non_passes(run, document, code, log))
             print(_summary_line(summary, opts.runs), flush=True)
         service_versions = versions(services)
+        service_backend = served_by(services)
 
     if non_passes:
         print(f"\n{len(non_passes)} non-pass(es):")
@@ -658,6 +738,7 @@ def _cmd_flake(opts: Options) -> int:
                 "services": config.services,
             },
             "versions": service_versions,
+            "served_by": service_backend,
             "run_results": summaries,
             "non_passes": non_passes,
             "exit_code": exit_code,
@@ -678,7 +759,15 @@ def _cmd_flake(opts: Options) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """`harness matrix|flake [options] [-- pytest args]`; returns the exit code."""
     args = list(sys.argv[1:] if argv is None else argv)
-    prog = "harness " + (args[0] if args and args[0] in ("matrix", "flake") else "")
+    prog = "harness " + (args[0] if args and args[0] in ("matrix", "flake", "compose") else "")
+    if args and args[0] == "compose":
+        try:
+            return _cmd_compose(build_parser().parse_args(args))
+        except SystemExit as exc:
+            return exc.code if isinstance(exc.code, int) else EXIT_ERROR
+        except ServicesError as exc:
+            print(f"harness compose: {exc}", file=sys.stderr)
+            return EXIT_ERROR
     try:
         opts = parse_options(args)
     except SystemExit as exc:  # argparse: --help (0) or a syntax error (2, already printed)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Final, Literal, cast, get_args
@@ -19,11 +20,12 @@ __all__ = [
     "HarnessConfig",
     "RunnerName",
     "ServiceModeName",
+    "check_image",
     "parse_choices",
 ]
 
 Broker = Literal["redis", "amqp"]
-ServiceModeName = Literal["auto", "docker", "local", "external"]
+ServiceModeName = Literal["auto", "docker", "local", "external", "compose"]
 # Which run_async_safe the workers use: the service's own (fixed), or the pre-fix plain
 # asyncio.run() that the harness injects to prove it detects the runbook's bug (prefix).
 RunnerName = Literal["fixed", "prefix"]
@@ -36,10 +38,31 @@ BROKERS: Final[tuple[str, ...]] = get_args(Broker)
 DEFAULT_BROKERS: Final = ("redis",)
 SERVICE_MODES: Final[tuple[str, ...]] = get_args(ServiceModeName)
 RUNNERS: Final[tuple[str, ...]] = get_args(RunnerName)
+# The same defaults as harness.services (which this module must not import: it is loaded by
+# every pytest process before anything else); tests/test_config.py keeps them equal.
+DEFAULT_POSTGRES_IMAGE: Final = "postgres:16-alpine"
+DEFAULT_REDIS_IMAGE: Final = "redis:7-alpine"
 
 
 class ConfigError(ValueError):
     """A harness option has a value it cannot use; the message names the fix."""
+
+
+# An image reference as Docker reads it: [registry[:port]/]name[/name...][:tag][@digest].
+_IMAGE_REF: Final = re.compile(
+    r"(?:[a-zA-Z0-9.-]+(?::\d+)?/)?[a-z0-9]+(?:[._-][a-z0-9]+)*(?:/[a-z0-9]+(?:[._-][a-z0-9]+)*)*"
+    r"(?::[\w][\w.-]{0,127})?(?:@sha256:[0-9a-f]{64})?"
+)
+
+
+def check_image(value: str, *, option: str) -> str:
+    """`value` if it reads as a Docker image reference, else a ConfigError naming `option`."""
+    if not _IMAGE_REF.fullmatch(value):
+        raise ConfigError(
+            f"{option}: {value!r} is not a Docker image reference; give one such as "
+            f"{DEFAULT_POSTGRES_IMAGE!r} (lower-case name, optional :tag)"
+        )
+    return value
 
 
 def parse_choices(
@@ -86,6 +109,10 @@ class HarnessConfig:
     pools: tuple[str, ...] = DEFAULT_POOLS
     brokers: tuple[str, ...] = DEFAULT_BROKERS
     runner: RunnerName = "fixed"
+    # The docker backend's images (the official ones unless set; scripts/docker-engine.sh
+    # builds stand-ins where no registry answers).
+    postgres_image: str = DEFAULT_POSTGRES_IMAGE
+    redis_image: str = DEFAULT_REDIS_IMAGE
     env: Mapping[str, str] = field(default_factory=lambda: dict(os.environ), repr=False)
 
     def __post_init__(self) -> None:
@@ -97,6 +124,8 @@ class HarnessConfig:
             )
         if self.runner not in RUNNERS:
             raise ConfigError(_runner_error(self.runner))
+        for name in ("postgres_image", "redis_image"):
+            check_image(getattr(self, name), option=f"--{name.replace('_', '-')}")
 
     @classmethod
     def resolve(
@@ -106,12 +135,22 @@ class HarnessConfig:
         get_ini: Callable[[str], object | None],
         env: Mapping[str, str] | None = None,
     ) -> HarnessConfig:
-        """Resolve every setting from the command line, then the ini file, then ``HARNESS_*``."""
+        """Resolve every setting from the command line, then the ini file, then ``HARNESS_*``.
+
+        An error names where the bad value came from: the flag, the ini key or the variable.
+        """
         environ = dict(os.environ if env is None else env)
+        sources: dict[str, str] = {}
 
         def pick(name: str) -> str | None:
-            for source in (get_option(name), get_ini(name), environ.get(f"HARNESS_{name.upper()}")):
+            candidates = (
+                (f"--{name.replace('_', '-')}", get_option(name)),
+                (f"harness_{name} (ini)", get_ini(name)),
+                (f"HARNESS_{name.upper()}", environ.get(f"HARNESS_{name.upper()}")),
+            )
+            for label, source in candidates:
                 if source not in (None, "", []):
+                    sources[name] = label
                     if isinstance(source, list | tuple):
                         return ",".join(str(s) for s in source)
                     return str(source)
@@ -120,26 +159,44 @@ class HarnessConfig:
         services = pick("services") or "auto"
         if services not in SERVICE_MODES:
             raise ConfigError(
-                f"--services: unknown value {services!r}; choose from {', '.join(SERVICE_MODES)}"
+                f"{sources['services']}: unknown value {services!r}; choose from "
+                f"{', '.join(SERVICE_MODES)}"
             )
         runner = pick("runner") or "fixed"
         if runner not in RUNNERS:
-            raise ConfigError(_runner_error(runner))
+            raise ConfigError(_runner_error(runner).replace("--runner", sources["runner"], 1))
+        images = {}
+        for name, default in (
+            ("postgres_image", DEFAULT_POSTGRES_IMAGE),
+            ("redis_image", DEFAULT_REDIS_IMAGE),
+        ):
+            images[name] = check_image(pick(name) or default, option=sources.get(name, name))
+        loop_modes = pick("loop_mode")
+        pools = pick("pool")
+        brokers = pick("broker")
         return cls(
             services=cast(ServiceModeName, services),
             loop_modes=parse_choices(
-                pick("loop_mode"),
-                option="--loop-mode",
+                loop_modes,
+                option=sources.get("loop_mode", "--loop-mode"),
                 allowed=ALL_LOOP_MODES,
                 default=DEFAULT_LOOP_MODES,
             ),
             pools=parse_choices(
-                pick("pool"), option="--pool", allowed=ALL_POOLS, default=DEFAULT_POOLS
+                pools,
+                option=sources.get("pool", "--pool"),
+                allowed=ALL_POOLS,
+                default=DEFAULT_POOLS,
             ),
             brokers=parse_choices(
-                pick("broker"), option="--broker", allowed=BROKERS, default=DEFAULT_BROKERS
+                brokers,
+                option=sources.get("broker", "--broker"),
+                allowed=BROKERS,
+                default=DEFAULT_BROKERS,
             ),
             runner=cast(RunnerName, runner),
+            postgres_image=images["postgres_image"],
+            redis_image=images["redis_image"],
             env=environ,
         )
 

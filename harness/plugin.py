@@ -81,7 +81,19 @@ _OPTIONS: Final = (
         "--services",
         "where Postgres and Redis come from: "
         + "|".join(SERVICE_MODES)
-        + " (auto: docker where an engine answers, else local binaries)",
+        + " (auto: docker where an engine answers, else local binaries; compose: the "
+        "services of docker-compose.test.yml, after `harness compose up`)",
+    ),
+    (
+        "postgres_image",
+        "--postgres-image",
+        "the Postgres image of --services=docker (default: postgres:16-alpine; "
+        "scripts/docker-engine.sh builds a stand-in where no registry answers)",
+    ),
+    (
+        "redis_image",
+        "--redis-image",
+        "the Redis image of --services=docker (default: redis:7-alpine)",
     ),
     (
         "runner",
@@ -127,8 +139,28 @@ def pytest_configure(config: pytest.Config) -> None:
         )
     except ConfigError as exc:
         raise pytest.UsageError(str(exc)) from None
+    _check_backend(harness_config)
     config.stash[harness_config_key] = harness_config
     _interrupt_on_sigterm(config)
+
+
+def _check_backend(harness_config: HarnessConfig) -> None:
+    """An explicit docker or compose backend that cannot work here is a usage error, now.
+
+    Found at session start it would be an error in every test that uses the services, after
+    collection; the probe is one request to the engine's socket.
+    """
+    if harness_config.services not in ("docker", "compose"):
+        return
+    from harness.services import probe_compose, probe_docker
+
+    probe = (probe_docker if harness_config.services == "docker" else probe_compose)(
+        harness_config.env
+    )
+    if not probe.ok:
+        raise pytest.UsageError(
+            f"--services={harness_config.services}: {probe.detail}. Fix: {probe.fix}"
+        )
 
 
 def _interrupt_on_sigterm(config: pytest.Config) -> None:
@@ -161,6 +193,11 @@ def pytest_report_header(config: pytest.Config) -> str:
     return (
         f"ingest-harness: loop modes {','.join(c.loop_modes)}; pools {','.join(c.pools)}; "
         f"brokers {','.join(c.brokers)}; services {c.services}; runner {c.runner}"
+        + (
+            f"; images {c.postgres_image}, {c.redis_image}"
+            if c.services in ("auto", "docker")
+            else ""
+        )
     )
 
 

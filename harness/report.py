@@ -440,6 +440,9 @@ class MatrixResult:
     errors: list[str] = field(default_factory=list)
     """Problems outside any test: collection errors, pytest usage errors, no tests collected."""
     pytest_exit_code: int | None = None
+    # The backend that served the session and the images that ran (harness.cli.served_by);
+    # None when the services were not started by the report's writer (--no-services).
+    served_by: Mapping[str, Any] | None = None
 
     @classmethod
     def from_config(
@@ -449,6 +452,7 @@ class MatrixResult:
         *,
         errors: Iterable[str] = (),
         pytest_exit_code: int | None = None,
+        served_by: Mapping[str, Any] | None = None,
     ) -> MatrixResult:
         return cls(
             loop_modes=config.loop_modes,
@@ -458,6 +462,7 @@ class MatrixResult:
             records=list(records),
             errors=list(errors),
             pytest_exit_code=pytest_exit_code,
+            served_by=served_by,
         )
 
     def selected_cells(self) -> list[Cell]:
@@ -547,7 +552,19 @@ def render_table(result: MatrixResult) -> str:
     lines.extend(line(row) for row in rows)
     lines.append("")
     lines.append("cell: status, scenario count, median run duration")
+    if result.served_by is not None:
+        lines.append(served_by_text(result.served_by))
     return "\n".join(lines)
+
+
+def served_by_text(served: Mapping[str, Any]) -> str:
+    """``services: docker; postgres 15.18 (image ...); redis 7.0.15 (image ...)``."""
+    images = served.get("images") or {}
+    parts = [f"services: {served.get('backend')}"]
+    for name in ("postgres", "redis"):
+        image = images.get(name)
+        parts.append(f"{name} {served.get(name)}" + (f" (image {image})" if image else ""))
+    return "; ".join(parts)
 
 
 def render_details(result: MatrixResult) -> str:
@@ -603,6 +620,7 @@ def to_json(result: MatrixResult, versions: Mapping[str, str | None]) -> dict[st
             key: versions.get(key)
             for key in ("python", "celery", "kombu", "sqlalchemy", "postgres", "redis")
         },
+        "served_by": None if result.served_by is None else dict(result.served_by),
         "cells": [summary.to_json() for summary in result.cells()],
         "errors": list(result.errors),
         "tests": [record.to_json() for record in result.records],

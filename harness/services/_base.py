@@ -19,10 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-ServiceMode = Literal["auto", "docker", "local", "external"]
-Backend = Literal["docker", "local", "external"]
+ServiceMode = Literal["auto", "docker", "local", "external", "compose"]
+Backend = Literal["docker", "local", "external", "compose"]
 
-SERVICE_MODES: tuple[ServiceMode, ...] = ("auto", "docker", "local", "external")
+SERVICE_MODES: tuple[ServiceMode, ...] = ("auto", "docker", "local", "external", "compose")
 
 
 class ServicesError(Exception):
@@ -122,6 +122,8 @@ class Services:
     amqp_url: str | None
     postgres_version: str
     redis_version: str
+    # What ran, for reports: {"postgres": "image@sha256:...", "redis": ...} (containers only).
+    images: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
     def masked(self) -> Services:
         """A copy with every password in every URL replaced by ``***``."""
@@ -143,6 +145,7 @@ class Services:
                 f"  postgres admin: {m.postgres_admin_url}",
                 f"  redis {m.redis_version}: {m.redis_url}",
                 f"  amqp: {m.amqp_url or 'none'}",
+                *(f"  {name} image: {image}" for name, image in m.images.items()),
             ]
         )
 

@@ -1,30 +1,74 @@
 """Postgres and Redis in containers (testcontainers), for machines where a Docker engine answers.
 
+Ryuk, testcontainers' reaper, is never used: its image has to be pulled, which many CI runners
+and every offline machine cannot do. Instead every container carries labels naming the process
+that owns it (host, pid, process start time), and each docker session that starts or stops
+removes the containers whose owner is gone: after SIGKILL of a whole session nothing of ours
+survives the next session's start.
+
 The probe talks to the engine's socket itself: docker-py's client leaks its socket (a
-ResourceWarning, an error under ``filterwarnings = error``) when no engine is there, and it is
+ResourceWarning, an error under ``filterwarnings = error``) when no engine is there, and that is
 the common case on CI runners and dev boxes without Docker that must stay fast and quiet.
-Containers outlive a SIGKILLed test process only until testcontainers' Ryuk reaper notices.
 """
 
 from __future__ import annotations
 
-import gc
+import concurrent.futures
+import contextlib
 import logging
 import socket
+import time
 import urllib.parse
+import uuid
 import warnings
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, Final
+
+import psutil
 
 from harness.services._base import ProbeResult, ServiceStartError, mask_dsn, with_database
 
-POSTGRES_IMAGE = "postgres:16-alpine"
-REDIS_IMAGE = "redis:7-alpine"
-_DEFAULT_SOCKET = "/var/run/docker.sock"
-_FIX = (
-    "start the Docker engine (e.g. `sudo systemctl start docker`) or point DOCKER_HOST at one; "
-    "or use the local binaries / an external server instead"
+# The official images, as a team with a registry runs them. Where none can be reached, the
+# project's scripts/docker-engine.sh builds stand-ins and prints the variables that name them.
+POSTGRES_IMAGE: Final = "postgres:16-alpine"
+REDIS_IMAGE: Final = "redis:7-alpine"
+POSTGRES_IMAGE_VAR: Final = "HARNESS_POSTGRES_IMAGE"
+REDIS_IMAGE_VAR: Final = "HARNESS_REDIS_IMAGE"
+BUILD_COMMAND: Final = "sudo scripts/docker-engine.sh start && eval $(scripts/docker-engine.sh env)"
+
+# Labels on every container of ours: the owner is a process on a host, identified by its pid
+# and its start time (a pid alone is reused).
+LABEL_OWNER_HOST: Final = "io.ingest-harness.owner-host"
+LABEL_OWNER_PID: Final = "io.ingest-harness.owner-pid"
+LABEL_OWNER_START: Final = "io.ingest-harness.owner-start"
+LABEL_SESSION: Final = "io.ingest-harness.session"
+
+_DEFAULT_SOCKET: Final = "/var/run/docker.sock"
+_STARTUP_TIMEOUT_S: Final = 60.0
+_POLL_S: Final = 0.05
+_LOG_TAIL: Final = 20
+_FIX: Final = (
+    "start a Docker engine (`sudo systemctl start docker`; on a machine without one, "
+    "`sudo scripts/docker-engine.sh start` runs a private engine, then "
+    "`eval $(scripts/docker-engine.sh env)`), or point DOCKER_HOST at one; "
+    "or use --services=local (the installed binaries)"
 )
+
+
+@dataclass(frozen=True)
+class DockerImages:
+    """The images the docker backend runs: settings (``--postgres-image``, ``--redis-image``)."""
+
+    postgres: str = POSTGRES_IMAGE
+    redis: str = REDIS_IMAGE
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> DockerImages:
+        return cls(
+            postgres=env.get(POSTGRES_IMAGE_VAR) or POSTGRES_IMAGE,
+            redis=env.get(REDIS_IMAGE_VAR) or REDIS_IMAGE,
+        )
 
 
 def _http_ping(sock: socket.socket) -> str:
@@ -40,10 +84,15 @@ def _http_ping(sock: socket.socket) -> str:
     return "" if " 200 " in f"{status} " else f"answered {status!r}"
 
 
+def docker_host(env: Mapping[str, str]) -> str:
+    """The engine's address: DOCKER_HOST, else the default socket."""
+    return env.get("DOCKER_HOST") or f"unix://{_DEFAULT_SOCKET}"
+
+
 def probe_docker(env: Mapping[str, str], *, timeout: float = 0.5) -> ProbeResult:
     """Does a Docker engine answer GET /_ping at DOCKER_HOST (default /var/run/docker.sock)?"""
     host = env.get("DOCKER_HOST", "")
-    target = host or f"unix://{_DEFAULT_SOCKET}"
+    target = docker_host(env)
     where = f"DOCKER_HOST={host}" if host else f"DOCKER_HOST is not set; default {target}"
     parsed = urllib.parse.urlsplit(target)
     try:
@@ -63,6 +112,13 @@ def probe_docker(env: Mapping[str, str], *, timeout: float = 0.5) -> ProbeResult
             problem = "" if tls else _http_ping(sock)  # TLS: reaching the port has to do
     except FileNotFoundError:
         return ProbeResult("docker", False, f"{where}, and that socket does not exist", _FIX)
+    except PermissionError as exc:
+        return ProbeResult(
+            "docker",
+            False,
+            f"{where}; the engine refused this user: {exc}",
+            "add this user to the `docker` group (then log in again), or run as root; " + _FIX,
+        )
     except OSError as exc:
         return ProbeResult("docker", False, f"{where}; connecting failed: {exc}", _FIX)
     if problem:
@@ -70,20 +126,182 @@ def probe_docker(env: Mapping[str, str], *, timeout: float = 0.5) -> ProbeResult
     return ProbeResult("docker", True, f"engine answered at {target}")
 
 
+# -- testcontainers' settings -----------------------------------------------------------------
+
+
+def configure_testcontainers(env: Mapping[str, str]) -> None:
+    """testcontainers' settings for this harness, where the user has not set them.
+
+    - No Ryuk (its image must be pulled); our labels and `reap_orphans` do its work.
+    - An engine on a unix socket or on loopback publishes ports on this machine: reach them
+      at 127.0.0.1. testcontainers would otherwise take a machine with ``/.dockerenv`` for a
+      container and connect to the bridge's gateway address.
+    - Poll readiness every 50 ms, not every second, for up to 60 s.
+    """
+    from testcontainers.core.config import ConnectionMode
+    from testcontainers.core.config import testcontainers_config as tc
+
+    if "TESTCONTAINERS_RYUK_DISABLED" not in env:
+        tc.ryuk_disabled = True
+    if "TC_POOLING_INTERVAL" not in env:
+        tc.sleep_time = _POLL_S
+    if "TC_MAX_TRIES" not in env:
+        tc.max_tries = int(_STARTUP_TIMEOUT_S / tc.sleep_time)
+    parsed = urllib.parse.urlsplit(docker_host(env))
+    local = parsed.scheme == "unix" or parsed.hostname in ("127.0.0.1", "localhost", "::1")
+    if local and "TESTCONTAINERS_CONNECTION_MODE" not in env:
+        tc.connection_mode_override = ConnectionMode.docker_host
+    if local and not (env.get("TC_HOST") or env.get("TESTCONTAINERS_HOST_OVERRIDE")):
+        tc.tc_host_override = "127.0.0.1"
+
+
+# -- ownership and the reaper -----------------------------------------------------------------
+
+
+def owner_labels(session: str) -> dict[str, str]:
+    """The labels that tie a container to this process."""
+    me = psutil.Process()
+    return {
+        LABEL_OWNER_HOST: socket.gethostname(),
+        LABEL_OWNER_PID: str(me.pid),
+        LABEL_OWNER_START: f"{me.create_time():.2f}",
+        LABEL_SESSION: session,
+    }
+
+
+def owner_alive(labels: Mapping[str, str]) -> bool:
+    """Does the process named by a container's owner labels still run (on this host)?"""
+    if labels.get(LABEL_OWNER_HOST) != socket.gethostname():
+        return True  # another machine's engine user: not ours to judge
+    try:
+        proc = psutil.Process(int(labels.get(LABEL_OWNER_PID, "")))
+        started = float(labels.get(LABEL_OWNER_START, ""))
+    except (ValueError, psutil.NoSuchProcess):
+        return False
+    try:
+        return abs(proc.create_time() - started) < 0.05 and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+@contextlib.contextmanager
+def docker_client(env: Mapping[str, str]) -> Iterator[Any]:
+    """A docker-py client for DOCKER_HOST, closed after use."""
+    import docker
+
+    client = docker.DockerClient(base_url=docker_host(env), timeout=30)
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+def reap_orphans(env: Mapping[str, str], log: logging.Logger) -> list[str]:
+    """Remove every container, network and volume of ours whose owner process is gone.
+
+    Returns the names of what was removed. Best effort: an engine error is logged, never raised.
+    """
+    removed: list[str] = []
+    selector = {"label": [LABEL_OWNER_PID]}
+    try:
+        with docker_client(env) as client:
+            for container in client.containers.list(all=True, filters=selector):
+                if not owner_alive(container.labels):
+                    container.remove(force=True, v=True)
+                    removed.append(f"container {container.name}")
+            for network in client.networks.list(filters=selector):
+                if not owner_alive(network.attrs.get("Labels") or {}):
+                    network.remove()
+                    removed.append(f"network {network.name}")
+            for volume in client.volumes.list(filters=selector):
+                if not owner_alive(volume.attrs.get("Labels") or {}):
+                    volume.remove(force=True)
+                    removed.append(f"volume {volume.name}")
+    except Exception as exc:
+        log.warning("services: removing containers of ended sessions failed: %s", exc)
+    if removed:
+        log.info("services: removed what ended sessions left: %s", ", ".join(removed))
+    return removed
+
+
+def _reap_quietly(env: Mapping[str, str], log: logging.Logger) -> None:
+    reap_orphans(env, log)
+
+
+def our_containers(env: Mapping[str, str]) -> list[dict[str, str]]:
+    """Every container of ours on the engine: its name and owner labels (for the leak tests)."""
+    with docker_client(env) as client:
+        return [
+            {"name": c.name, **c.labels}
+            for c in client.containers.list(all=True, filters={"label": [LABEL_OWNER_PID]})
+        ]
+
+
+# -- starting ---------------------------------------------------------------------------------
+
+
 def _describe(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}"
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"
+
+
+def _image_problem(client: Any, image: str, log: logging.Logger) -> str:
+    """'' when `image` is on the engine or could be pulled; else why not."""
+    import docker.errors
+
+    try:
+        client.images.get(image)
+        return ""
+    except docker.errors.ImageNotFound:
+        pass
+    log.info("services: pulling %s", image)
+    try:
+        client.images.pull(image)
+        return ""
+    except docker.errors.APIError as exc:
+        return f"image {image!r} is not on the engine and pulling it failed: {exc.explanation}"
+
+
+def image_version(client: Any, image: str) -> str:
+    """``name@sha256:<12 hex>`` (the image id, short as `docker images` shows it): what ran."""
+    try:
+        return f"{image}@{str(client.images.get(image).id)[:19]}"
+    except Exception:
+        return image
+
+
+def _log_tail(container: Any) -> list[str]:
+    try:
+        wrapped = container.get_wrapped_container()
+        raw = wrapped.logs(tail=_LOG_TAIL) if wrapped is not None else b""
+    except Exception as exc:
+        return [f"(no logs: {exc})"]
+    return raw.decode("utf-8", "replace").splitlines()[-_LOG_TAIL:]
+
+
+def _loopback_port(container: Any, port: int) -> None:
+    """Publish `port` on 127.0.0.1 only, on a free port the engine picks."""
+    container.ports = {f"{port}/tcp": ("127.0.0.1", None)}
+
+
+@dataclass(frozen=True)
+class DockerStarted:
+    """What the docker backend started, for ``Services``."""
+
+    postgres_url: str
+    postgres_admin_url: str
+    redis_url: str
+    images: dict[str, str]
 
 
 def start_docker(
-    database: str,
+    images: DockerImages,
     push: Callable[[str, Callable[[], None]], None],
     log: logging.Logger,
-) -> tuple[str, str, str]:
-    """Start both containers; returns (postgres_url, postgres_admin_url, redis_url).
-
-    Every container is registered with `push` as soon as it exists, so the caller's stop()
-    removes it whatever fails next.
-    """
+    env: Mapping[str, str],
+) -> DockerStarted:
+    """Start both containers side by side; each is registered with `push` once it exists, so
+    the caller's stop() removes it whatever fails next."""
     try:
         from testcontainers.community.postgres import PostgresContainer
         from testcontainers.community.redis import RedisContainer
@@ -92,41 +310,73 @@ def start_docker(
             f"the docker backend needs testcontainers: {exc}",
             fix="pip install 'testcontainers[postgres,redis]>=4.4' (the project's test extra)",
         ) from exc
-
-    failure = ""
-    with warnings.catch_warnings():
-        # When the engine vanishes between probe and start, docker-py leaks the socket of
-        # its failed version check; that is its bug, reported here as our start error.
-        warnings.simplefilter("ignore", ResourceWarning)
-        try:
-            pg = PostgresContainer(
-                POSTGRES_IMAGE,
-                username="postgres",
-                password="postgres",
-                dbname=database,
-                driver="psycopg2",
+    configure_testcontainers(env)
+    reap_orphans(env, log)
+    # At stop too: a sibling xdist worker that was killed left its containers behind.
+    push("containers of ended sessions", lambda: _reap_quietly(env, log))
+    with docker_client(env) as client:
+        found = (_image_problem(client, image, log) for image in (images.postgres, images.redis))
+        problems = [problem for problem in found if problem]
+        if problems:
+            raise ServiceStartError(
+                "the docker backend cannot run its images: " + "; ".join(problems),
+                checked=[
+                    f"engine at {docker_host(env)}",
+                    f"postgres image {images.postgres} ({POSTGRES_IMAGE_VAR}, --postgres-image)",
+                    f"redis image {images.redis} ({REDIS_IMAGE_VAR}, --redis-image)",
+                ],
+                fix=f"build local stand-ins with `{BUILD_COMMAND}`, or `docker pull` the images, "
+                "or name images the engine has with --postgres-image / --redis-image",
             )
-            push("postgres container", pg.stop)
-            log.info("starting %s (the first run pulls the image)", POSTGRES_IMAGE)
-            pg.start()
-            rc = RedisContainer(REDIS_IMAGE)
-            push("redis container", rc.stop)
-            log.info("starting %s", REDIS_IMAGE)
-            rc.start()
-            pg_url: str = pg.get_connection_url()
-            redis_host = rc.get_container_host_ip()
-            redis_port = rc.get_exposed_port(6379)
-        except Exception as exc:
-            failure = _describe(exc)
-        if failure:
-            gc.collect()  # let the leaked socket go while its warning is ignored
-    if failure:
+        versions = {
+            "postgres": image_version(client, images.postgres),
+            "redis": image_version(client, images.redis),
+        }
+    labels = owner_labels(uuid.uuid4().hex)
+    # PGDATA on tmpfs and no fsync: initdb and every commit stay in memory, as the local
+    # backend's cluster does (a test database is thrown away; 2 s against 1 s to ready).
+    pg = PostgresContainer(
+        images.postgres, username="postgres", password="postgres", dbname="postgres"
+    ).with_command("postgres -c fsync=off -c synchronous_commit=off -c full_page_writes=off")
+    pg.with_tmpfs_mount("/var/lib/postgresql/data")
+    rc = RedisContainer(images.redis)
+    for container in (pg, rc):
+        container.with_kwargs(labels=labels)
+    _loopback_port(pg, 5432)
+    _loopback_port(rc, 6379)
+    push("postgres container", pg.stop)
+    push("redis container", rc.stop)
+
+    def start(name: str, container: Any) -> None:
+        log.info("services: starting %s container (%s)", name, container.image)
+        began = time.monotonic()
+        container.start()
+        log.info("services: %s ready in %.2f s", name, time.monotonic() - began)
+
+    with warnings.catch_warnings(), concurrent.futures.ThreadPoolExecutor(2) as pool:
+        # When the engine vanishes between probe and start, docker-py leaks the socket of its
+        # failed version check; that is its bug, reported here as our start error.
+        warnings.simplefilter("ignore", ResourceWarning)
+        futures = {
+            name: pool.submit(start, name, c) for name, c in (("postgres", pg), ("redis", rc))
+        }
+        errors = {name: future.exception() for name, future in futures.items()}
+    failed = [(name, error) for name, error in errors.items() if error is not None]
+    if failed:
+        name, error = failed[0]
+        container = pg if name == "postgres" else rc
         raise ServiceStartError(
-            f"the docker backend failed to start its containers: {failure}",
-            checked=[f"images: {POSTGRES_IMAGE}, {REDIS_IMAGE}"],
-            fix="check `docker info` and that the images can be pulled; " + _FIX,
-        )
-    admin_url = with_database(pg_url, "postgres")
-    redis_url = f"redis://{redis_host}:{redis_port}/0"
+            f"the {name} container ({container.image}) did not become ready: {_describe(error)}",
+            checked=[f"engine at {docker_host(env)}", f"image {versions[name]}"],
+            log_tail=_log_tail(container),
+            fix="read the container's log above; check the image's entrypoint and `docker info`",
+        ) from error
+    pg_url: str = pg.get_connection_url()
+    redis_url = f"redis://{rc.get_container_host_ip()}:{rc.get_exposed_port(6379)}/0"
     log.info("docker services: %s, %s", mask_dsn(pg_url), redis_url)
-    return pg_url, admin_url, redis_url
+    return DockerStarted(
+        postgres_url=pg_url,
+        postgres_admin_url=with_database(pg_url, "postgres"),
+        redis_url=redis_url,
+        images=versions,
+    )

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import re
@@ -29,7 +30,8 @@ from harness.services._base import (
     ServiceStartError,
     ServicesUnavailable,
 )
-from harness.services._docker import probe_docker, start_docker
+from harness.services._compose import probe_compose, start_compose
+from harness.services._docker import DockerImages, probe_docker, start_docker
 from harness.services._external import AMQP_VAR, probe_external, start_external
 from harness.services._local import LocalPostgres, LocalRedis, default_cache_dir, probe_local
 
@@ -52,8 +54,10 @@ class ServiceStack:
     ...     engine = sqlalchemy.create_engine(services.postgres_url)
 
     `env` (default: os.environ, read once here) supplies HARNESS_*_URL, DOCKER_HOST, PATH,
-    XDG_CACHE_HOME and PYTEST_XDIST_WORKER. `docker_probe` / `local_probe` replace the checks
-    that decide whether a backend can work (for tests of the resolution itself).
+    XDG_CACHE_HOME and PYTEST_XDIST_WORKER. `images` are the docker backend's (default:
+    HARNESS_POSTGRES_IMAGE / HARNESS_REDIS_IMAGE, else the official images). `docker_probe` /
+    `local_probe` replace the checks that decide whether a backend can work (for tests of the
+    resolution itself).
     """
 
     def __init__(
@@ -66,6 +70,7 @@ class ServiceStack:
         log: logging.Logger | None = None,
         docker_probe: ProbeFn | None = None,
         local_probe: ProbeFn | None = None,
+        images: DockerImages | None = None,
     ) -> None:
         if mode not in get_args(ServiceMode):
             raise ValueError(
@@ -80,11 +85,13 @@ class ServiceStack:
         self.database = database
         self._workdir = workdir
         self._env: dict[str, str] = dict(os.environ if env is None else env)
+        self.images = images or DockerImages.from_env(self._env)
         self._log = log or _proc.log
         self._probes: dict[Backend, ProbeFn] = {
             "docker": docker_probe or probe_docker,
             "local": local_probe or probe_local,
             "external": probe_external,
+            "compose": probe_compose,
         }
         # (name, undo) in start order; stop() pops from the end, so each runs once even when
         # stop() re-enters (a signal handler) or runs twice.
@@ -167,8 +174,21 @@ class ServiceStack:
         if backend == "local":
             return self._start_local()
         if backend == "docker":
-            pg_url, admin_url, redis_url = start_docker(self.database, self._push, self._log)
-            return self._services_for("docker", pg_url, admin_url, redis_url)
+            return self._start_docker()
+        if backend == "compose":
+            c = start_compose(self._env, self.database, self._push, self._log)
+            return dataclasses.replace(
+                self._services_of(
+                    "compose",
+                    c.postgres_url,
+                    c.postgres_admin_url,
+                    c.redis_url,
+                    c.postgres_version,
+                    c.redis_version,
+                ),
+                amqp_url=c.amqp_url,
+                images=c.images,
+            )
         pg_url, admin_url, redis_url, pg_version, redis_version = start_external(
             self._env, self.database, self._push, self._log
         )
@@ -194,18 +214,28 @@ class ServiceStack:
             "local", postgres_url, pg.admin_url, rd.url, pg.version, rd.version
         )
 
-    def _services_for(
-        self, backend: Backend, pg_url: str, admin_url: str, redis_url: str
-    ) -> Services:
+    def _start_docker(self) -> Services:
+        started = start_docker(self.images, self._push, self._log, self._env)
         try:
-            pg_version = postgres_server_version(admin_url)
-            redis_version = redis_server_version(redis_url)
+            pg_version = postgres_server_version(started.postgres_admin_url)
+            redis_version = redis_server_version(started.redis_url)
+            # No drop needed: the database goes with the container.
+            postgres_url = create_database(started.postgres_admin_url, self.database)
         except Exception as exc:
             raise ServiceStartError(
-                f"the {backend} servers started but do not answer queries: {exc}",
+                f"the docker servers started but do not answer queries: {exc}",
+                checked=[f"images: {', '.join(started.images.values())}"],
                 fix="read the container logs (`docker logs <id>`)",
             ) from exc
-        return self._services_of(backend, pg_url, admin_url, redis_url, pg_version, redis_version)
+        services = self._services_of(
+            "docker",
+            postgres_url,
+            started.postgres_admin_url,
+            started.redis_url,
+            pg_version,
+            redis_version,
+        )
+        return dataclasses.replace(services, images=started.images)
 
     def _services_of(
         self,
