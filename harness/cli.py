@@ -53,6 +53,7 @@ from harness.services._compose import (
     compose_up,
     endpoints,
     project_name,
+    require_engine,
 )
 
 __all__ = ["build_parser", "main"]
@@ -253,6 +254,7 @@ def _cmd_compose(ns: argparse.Namespace) -> int:
         print(f"compose: starting project {project_name(env)!r} from {file}...", flush=True)
         found = compose_up(env, file=file)
     else:
+        require_engine(env)
         found = endpoints(env)
     for one in found.values():
         where = f"{one.host}:{one.port}" if one.port else "no published port"

@@ -564,6 +564,8 @@ def served_by_text(served: Mapping[str, Any]) -> str:
     for name in ("postgres", "redis"):
         image = images.get(name)
         parts.append(f"{name} {served.get(name)}" + (f" (image {image})" if image else ""))
+    if images.get("rabbitmq"):
+        parts.append(f"rabbitmq (image {images['rabbitmq']})")
     return "; ".join(parts)
 
 

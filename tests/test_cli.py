@@ -17,7 +17,7 @@ import pytest
 
 from harness import cli
 from harness.report import MatrixCollector
-from harness.services import ProbeResult, Services, ServicesUnavailable
+from harness.services import DockerImages, ProbeResult, Services, ServicesUnavailable
 
 CONFTEST = """\
 import pytest
@@ -186,8 +186,9 @@ FAKE_SERVICES = Services(
 class FakeStack:
     started: ClassVar[list[str]] = []
 
-    def __init__(self, mode: str) -> None:
+    def __init__(self, mode: str, images: DockerImages | None = None) -> None:
         self.mode = mode
+        self.images = images
 
     def __enter__(self) -> Services:
         FakeStack.started.append(self.mode)
@@ -250,6 +251,15 @@ def test_matrix_starts_services_once_and_hands_them_to_pytest(
     assert document["versions"]["redis"] == "7.0.15"
     assert document["versions"]["celery"]
     assert document["cells"][0]["status"] == "pass"
+    # The backend that served the run, in the report and under the table.
+    assert document["served_by"] == {
+        "backend": "local",
+        "postgres": "15.9",
+        "redis": "7.0.15",
+        "amqp": None,
+        "images": {},
+    }
+    assert "services: local; postgres 15.9; redis 7.0.15" in out
 
 
 def test_services_unavailable_exits_2_with_its_message(
@@ -259,7 +269,7 @@ def test_services_unavailable_exits_2_with_its_message(
     (tmp_path / "scenarios").mkdir()
 
     @contextmanager
-    def unavailable(mode: str) -> Iterator[Services]:
+    def unavailable(mode: str, images: DockerImages | None = None) -> Iterator[Services]:
         raise ServicesUnavailable(
             "docker", [ProbeResult("docker", False, "no engine answers", "start dockerd")]
         )

@@ -14,6 +14,10 @@ the session one way or another, and checks the process table and the directory:
   kernel's parent-death signal must take the servers and workers down (prefork's children too);
   the temp dirs stay behind, and the next services start must sweep them.
 
+Each runs on the local backend and, in the docker tier, on the docker backend: there the
+servers are containers labelled with their owner process, and no container of the child may
+survive its teardown, the surviving xdist worker's stop, or the next session's start.
+
 pytest's own ``--basetemp`` (worker logs) is pytest's to keep or prune; it lives in this test's
 ``tmp_path`` and is not checked.
 """
@@ -35,7 +39,8 @@ from typing import Final
 import psutil
 import pytest
 
-from harness.services import LocalRedis, probe_local
+from harness.services import LocalRedis, ServiceStack, probe_docker, probe_local
+from harness.services._docker import LABEL_OWNER_PID, our_containers
 from harness.services._proc import DIR_PREFIX, default_workdir
 from tests._children import sigint_as_in_a_terminal
 
@@ -127,11 +132,12 @@ def _name(proc: psutil.Process) -> str:
 class ChildSession:
     """A child ``python -m pytest`` in its own session (signals to it never reach us)."""
 
-    def __init__(self, tmp_path: Path, *, xdist: bool) -> None:
+    def __init__(self, tmp_path: Path, *, xdist: bool, backend: str) -> None:
         self.root = tmp_path / "child"
         self.markers = tmp_path / "markers"
         self.output = tmp_path / "child-output.txt"
         self.xdist = xdist
+        self.backend = backend
         self.proc: subprocess.Popen[bytes] | None = None
         # Filled by hold(): what each holding process reported, every process of the session.
         self.held: list[Held] = []
@@ -151,9 +157,12 @@ class ChildSession:
             if not key.startswith(("PYTEST_", "HARNESS_", "APP_", "CELERY_"))
         }
         env["LEAKCHECK_DIR"] = str(self.markers)
+        for image in ("HARNESS_POSTGRES_IMAGE", "HARNESS_REDIS_IMAGE"):  # the engine's images
+            if os.environ.get(image):
+                env[image] = os.environ[image]
         argv = [
             sys.executable, "-m", "pytest", "test_hold.py", "-q",
-            "--services=local", f"--basetemp={self.root / 'basetemp'}",
+            f"--services={self.backend}", f"--basetemp={self.root / 'basetemp'}",
         ]  # fmt: skip
         if self.xdist:
             # "each": both xdist workers run the test, so both hold servers at once.
@@ -185,10 +194,24 @@ class ChildSession:
     def hold(self) -> None:
         """Wait until the servers are up, then record the session's processes."""
         self.held = self._wait_ready()
-        self.recorded = _record(self.pid, self.held)
+        self.recorded = _record(self.pid, self.held, local=self.backend == "local")
+        if self.backend == "docker":
+            for one in self.held:
+                count = len(self.containers(one))
+                assert count >= 2, f"expected postgres and redis containers of {one}, found {count}"
+
+    def containers(self, *holders: Held) -> list[str]:
+        """The containers owned by ``holders`` (default: every holding process) right now."""
+        pids = {str(h.pid) for h in holders or self.held}
+        return [c["name"] for c in our_containers(os.environ) if c[LABEL_OWNER_PID] in pids]
 
     def dirs(self, *holders: Held) -> list[Path]:
-        """The services' temp dirs of ``holders`` (default: every holding process)."""
+        """The services' temp dirs of ``holders`` (default: every holding process).
+
+        The docker backend has none: its servers live in containers.
+        """
+        if self.backend == "docker":
+            return []
         pids = [h.pid for h in holders or self.held]
         found = _dirs_of(pids)
         assert found, f"no {DIR_PREFIX}<pid>-* dir of pids {pids} in {default_workdir()}"
@@ -241,7 +264,7 @@ class ChildSession:
                     one.proc.kill()
 
 
-def _record(pid: int, held: list[Held]) -> list[Recorded]:
+def _record(pid: int, held: list[Held], *, local: bool) -> list[Recorded]:
     """Every process of the child session now, checked to include what it must hold."""
     root = psutil.Process(pid)
     recorded = []
@@ -263,7 +286,7 @@ def _record(pid: int, held: list[Held]) -> list[Recorded]:
         assert set(one.worker_pids) <= pids, (
             f"{one.name}'s worker processes {one.worker_pids} are not all under the child"
         )
-    for server in ("postgres", "redis-server"):
+    for server in ("postgres", "redis-server") if local else ():
         count = sum(server in name for name in names)
         assert count >= len(held), f"expected a {server} per holding process, found {count}"
     return recorded
@@ -294,16 +317,31 @@ def _strays(marker: Path) -> list[str]:
     return found
 
 
-@pytest.fixture
-def start_child(tmp_path: Path) -> Iterator[Callable[[bool], ChildSession]]:
-    """Starts a child session (with xdist or not) and returns it once its servers are up."""
-    probe = probe_local(os.environ)
-    if not probe.ok:
+_BACKENDS: Final = [
+    pytest.param("local", id="local"),
+    # A missing engine is a failure here: the docker tier runs only where one answers.
+    pytest.param("docker", id="docker", marks=pytest.mark.docker),
+]
+
+
+@pytest.fixture(params=_BACKENDS)
+def backend(request: pytest.FixtureRequest) -> str:
+    """The services backend of the child session."""
+    name: str = request.param
+    probe = (probe_docker if name == "docker" else probe_local)(os.environ)
+    if name == "local" and not probe.ok:
         pytest.skip(f"the leak check needs the local services backend: {probe.detail}")
+    assert probe.ok, f"the docker leak check needs an engine: {probe.detail}; {probe.fix}"
+    return name
+
+
+@pytest.fixture
+def start_child(tmp_path: Path, backend: str) -> Iterator[Callable[[bool], ChildSession]]:
+    """Starts a child session (with xdist or not) and returns it once its servers are up."""
     started: list[ChildSession] = []
 
     def start(xdist: bool) -> ChildSession:
-        session = ChildSession(tmp_path, xdist=xdist)
+        session = ChildSession(tmp_path, xdist=xdist, backend=backend)
         started.append(session)
         session.start()
         session.hold()
@@ -328,8 +366,21 @@ def _assert_nothing_left(session: ChildSession, *, how: str) -> None:
     )
 
 
-def _assert_swept(dirs: list[Path]) -> None:
-    """A killed process's dirs stay (no atexit ran); the next services start removes them."""
+def _assert_no_containers(session: ChildSession, *holders: Held, how: str) -> None:
+    if session.backend != "docker":
+        return
+    left = session.containers(*holders)
+    assert not left, f"after {how}, containers of the child session remain: {left}"
+
+
+def _assert_swept(session: ChildSession, dirs: list[Path]) -> None:
+    """A killed process's dirs (local) or containers (docker) stay, since no teardown ran;
+    the next services start removes them."""
+    if session.backend == "docker":
+        with ServiceStack("docker"):
+            pass
+        _assert_no_containers(session, how="the next docker session's start")
+        return
     with LocalRedis():
         pass
     left = [p for p in dirs if p.exists()]
@@ -369,6 +420,7 @@ def test_signalled_session_leaves_nothing(
     _assert_nothing_left(session, how=sig.name)
     left = [p for p in dirs if p.exists()]
     assert not left, f"after {sig.name} the session's temp dirs remain: {left}"
+    _assert_no_containers(session, how=sig.name)
 
 
 def test_killed_xdist_worker_leaves_nothing(
@@ -394,7 +446,9 @@ def test_killed_xdist_worker_leaves_nothing(
     _assert_nothing_left(session, how=f"SIGKILL of {victim.name}")
     left = [p for p in survivor_dirs if p.exists()]
     assert not left, f"{survivor.name} ended normally but its temp dirs remain: {left}"
-    _assert_swept(victim_dirs)
+    # The survivor's stop removes what its killed sibling left, before the session ends.
+    _assert_no_containers(session, how=f"SIGKILL of {victim.name} and the session's end")
+    _assert_swept(session, victim_dirs)
 
 
 def test_killed_session_leaves_nothing(start_child: Callable[[bool], ChildSession]) -> None:
@@ -404,4 +458,4 @@ def test_killed_session_leaves_nothing(start_child: Callable[[bool], ChildSessio
     os.kill(session.pid, signal.SIGKILL)
     assert session.wait_exit() == -signal.SIGKILL
     _assert_nothing_left(session, how="SIGKILL of the session")
-    _assert_swept(dirs)
+    _assert_swept(session, dirs)

@@ -7,6 +7,8 @@ No servers: the scenarios' fixtures are replaced by one-line stand-ins in each t
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from harness.config import ConfigError, HarnessConfig
@@ -143,7 +145,10 @@ def test_a_bad_ini_value_is_a_usage_error_too(project: pytest.Pytester) -> None:
     result = project.runpytest()
 
     assert result.ret == pytest.ExitCode.USAGE_ERROR
-    assert "--runner: unknown value 'old'; choose from fixed, prefix" in result.stderr.str()
+    # The error names where the value came from: the ini key the user set.
+    assert "harness_runner (ini): unknown value 'old'; choose from fixed, prefix" in (
+        result.stderr.str()
+    )
 
 
 def test_runner_resolves_like_the_other_options() -> None:
@@ -427,3 +432,38 @@ def test_evidence_goes_with_the_first_failed_phase_only(pytester: pytest.Pyteste
     result.assert_outcomes(failed=1, errors=1)
     sections = [line for line in result.outlines if " worker log " in line and "---" in line]
     assert len(sections) == 1, result.outlines
+
+
+@pytest.mark.parametrize("mode", ["docker", "compose"])
+def test_docker_and_compose_without_an_engine_fail_at_configure_time(
+    project: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, mode: str
+) -> None:
+    # Short: a unix socket path has a length limit, and pytester's dirs are long.
+    socket_path = f"/tmp/ingest-harness-{os.getpid()}-no-engine.sock"
+    monkeypatch.setenv("DOCKER_HOST", f"unix://{socket_path}")
+
+    result = project.runpytest_subprocess(f"--services={mode}")
+
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    errors = [line for line in result.errlines if line.startswith("ERROR:")]
+    assert errors == [
+        f"ERROR: --services={mode}: DOCKER_HOST=unix://{socket_path}, and that socket does "
+        "not exist. Fix: start the Docker engine (`sudo systemctl start docker`; on a machine "
+        "without one, `sudo scripts/docker-engine.sh start` runs a private engine, then "
+        "`eval $(scripts/docker-engine.sh env)`), or point DOCKER_HOST at one; or use "
+        "--services=local (the installed binaries)"
+    ]
+    assert "Traceback" not in result.stderr.str()
+
+
+def test_a_bad_image_names_the_variable_that_set_it(
+    project: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HARNESS_POSTGRES_IMAGE", "Postgres 16")
+
+    result = project.runpytest("--collect-only", "-q")
+
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(
+        ["ERROR: HARNESS_POSTGRES_IMAGE: 'Postgres 16' is not a Docker image reference*"]
+    )

@@ -389,12 +389,14 @@ def test_to_json_schema(tmp_path: Path) -> None:
         "generated_at",
         "selected",
         "versions",
+        "served_by",
         "cells",
         "errors",
         "tests",
         "pytest_exit_code",
         "exit_code",
     }
+    assert document["served_by"] is None  # the writer started no services
     assert document["selected"] == {
         "loop_modes": ["no_loop", "running_loop", "in_process"],
         "pools": ["prefork", "solo"],

@@ -100,8 +100,10 @@ def _finish(run_id: int, status: str, *, stats: dict[str, Any] | None, error: st
     last: SQLAlchemyError | None = None
     for attempt in range(1, _FINISH_ATTEMPTS + 1):
         finished_at = utcnow()
-        with get_engine().begin() as conn:
-            try:
+        # The try is around the whole transaction: the commit, where a dropped connection is
+        # often noticed, raises as the `with` block exits.
+        try:
+            with get_engine().begin() as conn:
                 started = conn.execute(
                     IngestRun.__table__.select()
                     .with_only_columns(IngestRun.started_at)
@@ -124,9 +126,9 @@ def _finish(run_id: int, status: str, *, stats: dict[str, Any] | None, error: st
                         heartbeat_at=finished_at,
                     )
                 )
-                return
-            except SQLAlchemyError as exc:
-                last = exc
+            return
+        except SQLAlchemyError as exc:
+            last = exc
         logger.warning(
             "Run %s: could not record its end (attempt %d of %d): %s",
             run_id,

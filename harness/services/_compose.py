@@ -87,8 +87,10 @@ def endpoints(env: Mapping[str, str]) -> dict[str, Endpoint]:
     """The project's services as the engine sees them now (empty when it is not up)."""
     selector = {"label": [f"{_LABEL_PROJECT}={project_name(env)}"]}
     with docker_client(env) as client:
-        found = [_endpoint(c) for c in client.containers.list(all=True, filters=selector)]
-    return {e.service: e for e in found if e.service in COMPOSE_PORTS}
+        found = {
+            e.service: e for e in map(_endpoint, client.containers.list(all=True, filters=selector))
+        }
+    return {service: found[service] for service in COMPOSE_PORTS if service in found}
 
 
 def _not_ready(found: Mapping[str, Endpoint]) -> list[str]:
@@ -224,13 +226,18 @@ def _base_args(env: Mapping[str, str], file: Path) -> list[str]:
     return ["-f", str(file), "-p", project_name(env)]
 
 
+def require_engine(env: Mapping[str, str]) -> None:
+    """A ComposeError that says how to get an engine, unless one answers."""
+    engine = probe_docker(env)
+    if not engine.ok:
+        raise ComposeError("no Docker engine answers", checked=[engine.detail], fix=engine.fix)
+
+
 def compose_up(
     env: Mapping[str, str], *, file: Path, timeout: float = _HEALTHY_TIMEOUT_S
 ) -> dict[str, Endpoint]:
     """Start the project and wait until every service is healthy; returns the services."""
-    engine = probe_docker(env)
-    if not engine.ok:
-        raise ComposeError("no Docker engine answers", checked=[engine.detail], fix=engine.fix)
+    require_engine(env)
     if not file.is_file():
         raise ComposeError(
             f"compose file {file} does not exist",
@@ -274,5 +281,6 @@ def _container_log(env: Mapping[str, str], name: str) -> list[str]:
 
 def compose_down(env: Mapping[str, str], *, file: Path) -> None:
     """Remove the project's containers, networks and volumes."""
+    require_engine(env)
     cli = compose_cli(env)
     _run(cli, [*_base_args(env, file), "down", "-v", "--remove-orphans"], env, "down")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import gc
 import logging
 import socket
 import time
@@ -49,7 +50,7 @@ _STARTUP_TIMEOUT_S: Final = 60.0
 _POLL_S: Final = 0.05
 _LOG_TAIL: Final = 20
 _FIX: Final = (
-    "start a Docker engine (`sudo systemctl start docker`; on a machine without one, "
+    "start the Docker engine (`sudo systemctl start docker`; on a machine without one, "
     "`sudo scripts/docker-engine.sh start` runs a private engine, then "
     "`eval $(scripts/docker-engine.sh env)`), or point DOCKER_HOST at one; "
     "or use --services=local (the installed binaries)"
@@ -262,6 +263,27 @@ def _image_problem(client: Any, image: str, log: logging.Logger) -> str:
         return f"image {image!r} is not on the engine and pulling it failed: {exc.explanation}"
 
 
+def _check_images(
+    images: DockerImages, env: Mapping[str, str], log: logging.Logger
+) -> tuple[list[str], dict[str, str]]:
+    """(what is wrong with the images, {service: image@id}) on the engine at DOCKER_HOST."""
+    with warnings.catch_warnings():
+        # docker-py leaks the socket of a failed version check (no engine after all); that is
+        # its bug, reported by the caller as our start error.
+        warnings.simplefilter("ignore", ResourceWarning)
+        try:
+            with docker_client(env) as client:
+                found = (_image_problem(client, i, log) for i in (images.postgres, images.redis))
+                problems = [problem for problem in found if problem]
+                versions = {
+                    "postgres": image_version(client, images.postgres),
+                    "redis": image_version(client, images.redis),
+                }
+        finally:
+            gc.collect()  # let a leaked socket go while its warning is ignored
+    return problems, versions
+
+
 def image_version(client: Any, image: str) -> str:
     """``name@sha256:<12 hex>`` (the image id, short as `docker images` shows it): what ran."""
     try:
@@ -282,6 +304,31 @@ def _log_tail(container: Any) -> list[str]:
 def _loopback_port(container: Any, port: int) -> None:
     """Publish `port` on 127.0.0.1 only, on a free port the engine picks."""
     container.ports = {f"{port}/tcp": ("127.0.0.1", None)}
+
+
+class _ContainerExited(BaseException):
+    """The container stopped before it became ready.
+
+    A BaseException: testcontainers' wait loops retry every Exception until their timeout
+    (60 s), and a container that has exited will never answer.
+    """
+
+
+def _fail_fast(container: Any, method: str) -> None:
+    """Make ``container.<method>``, which the wait strategy calls each try, first check that
+    the container still runs."""
+    original = getattr(container, method)
+
+    def checked(*args: Any, **kwargs: Any) -> Any:
+        wrapped = container.get_wrapped_container()
+        if wrapped is not None:
+            wrapped.reload()
+            if wrapped.status in ("exited", "dead"):
+                code = wrapped.attrs.get("State", {}).get("ExitCode")
+                raise _ContainerExited(f"the container exited with code {code} before it was ready")
+        return original(*args, **kwargs)
+
+    setattr(container, method, checked)
 
 
 @dataclass(frozen=True)
@@ -311,27 +358,28 @@ def start_docker(
             fix="pip install 'testcontainers[postgres,redis]>=4.4' (the project's test extra)",
         ) from exc
     configure_testcontainers(env)
+    try:
+        problems, versions = _check_images(images, env, log)
+    except Exception as exc:
+        raise ServiceStartError(
+            f"the docker backend failed to reach the engine at {docker_host(env)}: "
+            f"{_describe(exc)}",
+            fix=_FIX,
+        ) from exc
+    if problems:
+        raise ServiceStartError(
+            "the docker backend cannot run its images: " + "; ".join(problems),
+            checked=[
+                f"engine at {docker_host(env)}",
+                f"postgres image {images.postgres} ({POSTGRES_IMAGE_VAR}, --postgres-image)",
+                f"redis image {images.redis} ({REDIS_IMAGE_VAR}, --redis-image)",
+            ],
+            fix=f"build local stand-ins with `{BUILD_COMMAND}`, or `docker pull` the images, "
+            "or name images the engine has with --postgres-image / --redis-image",
+        )
     reap_orphans(env, log)
     # At stop too: a sibling xdist worker that was killed left its containers behind.
     push("containers of ended sessions", lambda: _reap_quietly(env, log))
-    with docker_client(env) as client:
-        found = (_image_problem(client, image, log) for image in (images.postgres, images.redis))
-        problems = [problem for problem in found if problem]
-        if problems:
-            raise ServiceStartError(
-                "the docker backend cannot run its images: " + "; ".join(problems),
-                checked=[
-                    f"engine at {docker_host(env)}",
-                    f"postgres image {images.postgres} ({POSTGRES_IMAGE_VAR}, --postgres-image)",
-                    f"redis image {images.redis} ({REDIS_IMAGE_VAR}, --redis-image)",
-                ],
-                fix=f"build local stand-ins with `{BUILD_COMMAND}`, or `docker pull` the images, "
-                "or name images the engine has with --postgres-image / --redis-image",
-            )
-        versions = {
-            "postgres": image_version(client, images.postgres),
-            "redis": image_version(client, images.redis),
-        }
     labels = owner_labels(uuid.uuid4().hex)
     # PGDATA on tmpfs and no fsync: initdb and every commit stay in memory, as the local
     # backend's cluster does (a test database is thrown away; 2 s against 1 s to ready).
@@ -344,13 +392,18 @@ def start_docker(
         container.with_kwargs(labels=labels)
     _loopback_port(pg, 5432)
     _loopback_port(rc, 6379)
+    _fail_fast(pg, "exec")  # PostgresContainer's wait runs psql in the container
+    _fail_fast(rc, "get_client")  # RedisContainer's pings from here
     push("postgres container", pg.stop)
     push("redis container", rc.stop)
 
     def start(name: str, container: Any) -> None:
         log.info("services: starting %s container (%s)", name, container.image)
         began = time.monotonic()
-        container.start()
+        try:
+            container.start()
+        except _ContainerExited as exc:
+            raise RuntimeError(str(exc)) from None
         log.info("services: %s ready in %.2f s", name, time.monotonic() - began)
 
     with warnings.catch_warnings(), concurrent.futures.ThreadPoolExecutor(2) as pool:
