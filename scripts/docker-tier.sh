@@ -45,7 +45,7 @@ echo "docker tier: $detail; images ${HARNESS_POSTGRES_IMAGE:-postgres:16-alpine}
 # -k: of the leak tests, only the docker backend's (the main tier ran the local ones).
 "$VENV/bin/pytest" -n 2 --dist worksteal --services=docker \
     -k "docker or not leaves_nothing" \
-    scenarios/faults/test_sigkill.py scenarios/runbook tests/test_leaks.py
+    scenarios/faults/test_sigkill.py scenarios/runbook tests/test_leaks.py tests/test_docker.py
 
 # The compose project: brought down whatever happens to the matrix.
 down() { "$VENV/bin/harness" compose down || true; }

@@ -197,27 +197,60 @@ def docker_client(env: Mapping[str, str]) -> Iterator[Any]:
         client.close()
 
 
+def _listed(client: Any, kind: str) -> list[dict[str, Any]]:
+    """Our containers, networks or volumes as the engine lists them: no inspect per item, so
+    one removed meanwhile (by a sibling's reaper) cannot fail the listing."""
+    selector = {"label": [LABEL_OWNER_PID]}
+    if kind == "container":
+        found: list[dict[str, Any]] = client.api.containers(all=True, filters=selector)
+        return [
+            {"id": c["Id"], "name": (c.get("Names") or ["?"])[0].lstrip("/"), "labels": c["Labels"]}
+            for c in found
+        ]
+    if kind == "network":
+        return [
+            {"id": n["Id"], "name": n["Name"], "labels": n.get("Labels") or {}}
+            for n in client.api.networks(filters=selector)
+        ]
+    volumes = client.api.volumes(filters=selector).get("Volumes") or []
+    return [{"id": v["Name"], "name": v["Name"], "labels": v.get("Labels") or {}} for v in volumes]
+
+
+def _remove(client: Any, kind: str, ident: str) -> bool:
+    """Remove one item; False if it was gone already or another reaper is removing it."""
+    import docker.errors
+
+    try:
+        if kind == "container":
+            client.api.remove_container(ident, force=True, v=True)
+        elif kind == "network":
+            client.api.remove_network(ident)
+        else:
+            client.api.remove_volume(ident, force=True)
+    except docker.errors.NotFound:
+        return False
+    except docker.errors.APIError as exc:
+        if exc.status_code == 409:  # "removal ... is already in progress"
+            return False
+        raise
+    return True
+
+
 def reap_orphans(env: Mapping[str, str], log: logging.Logger) -> list[str]:
     """Remove every container, network and volume of ours whose owner process is gone.
 
-    Returns the names of what was removed. Best effort: an engine error is logged, never raised.
+    Returns what this call removed. Sessions that start at once may race to remove the same
+    item: what another removes is not an error. Best effort: an engine error is logged, never
+    raised.
     """
     removed: list[str] = []
-    selector = {"label": [LABEL_OWNER_PID]}
     try:
         with docker_client(env) as client:
-            for container in client.containers.list(all=True, filters=selector):
-                if not owner_alive(container.labels):
-                    container.remove(force=True, v=True)
-                    removed.append(f"container {container.name}")
-            for network in client.networks.list(filters=selector):
-                if not owner_alive(network.attrs.get("Labels") or {}):
-                    network.remove()
-                    removed.append(f"network {network.name}")
-            for volume in client.volumes.list(filters=selector):
-                if not owner_alive(volume.attrs.get("Labels") or {}):
-                    volume.remove(force=True)
-                    removed.append(f"volume {volume.name}")
+            # Containers first: a network or volume in use cannot go.
+            for kind in ("container", "network", "volume"):
+                for item in _listed(client, kind):
+                    if not owner_alive(item["labels"]) and _remove(client, kind, item["id"]):
+                        removed.append(f"{kind} {item['name']}")
     except Exception as exc:
         log.warning("services: removing containers of ended sessions failed: %s", exc)
     if removed:
@@ -232,10 +265,7 @@ def _reap_quietly(env: Mapping[str, str], log: logging.Logger) -> None:
 def our_containers(env: Mapping[str, str]) -> list[dict[str, str]]:
     """Every container of ours on the engine: its name and owner labels (for the leak tests)."""
     with docker_client(env) as client:
-        return [
-            {"name": c.name, **c.labels}
-            for c in client.containers.list(all=True, filters={"label": [LABEL_OWNER_PID]})
-        ]
+        return [{"name": c["name"], **c["labels"]} for c in _listed(client, "container")]
 
 
 # -- starting ---------------------------------------------------------------------------------
