@@ -19,10 +19,10 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
-from typing import Final, TextIO, get_args
+from typing import Final, NoReturn, TextIO, get_args
 
 from harness.config import ALL_POOLS
 from harness.http import ServerStartError
@@ -47,8 +47,33 @@ _WATCH_S: Final = 0.5
 _EXIT_INTERRUPTED: Final = 130
 
 
+def _port(*, allow_zero: bool) -> Callable[[str], int]:
+    """An argparse type: a TCP port number (0, any free port, where allowed)."""
+    low = 0 if allow_zero else 1
+
+    def port(value: str) -> int:
+        try:
+            number = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{value!r} is not a port number") from None
+        if not low <= number <= 65535:
+            raise argparse.ArgumentTypeError(
+                f"{number} is not a port number; use {low} to 65535"
+                + (" (0: any free port)" if allow_zero else "")
+            )
+        return number
+
+    return port
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # One line, not the usage block: what was wrong, and where to look.
+        self.exit(2, f"{self.prog}: error: {message} (--help lists the options)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="python -m app",
         description="Start Postgres, Redis, the migrations, a Celery worker, the marketplace "
         "source and the API + UI on one machine, to follow the execute_ingest runbook by hand. "
@@ -56,11 +81,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--host", default="127.0.0.1", help="the API's address (127.0.0.1)")
     parser.add_argument(
-        "--port", type=int, default=DEFAULT_PORT, help=f"the API and UI's port ({DEFAULT_PORT})"
+        "--port",
+        type=_port(allow_zero=False),
+        default=DEFAULT_PORT,
+        help=f"the API and UI's port ({DEFAULT_PORT})",
     )
     parser.add_argument(
         "--marketplace-port",
-        type=int,
+        type=_port(allow_zero=True),
         default=DEFAULT_MARKETPLACE_PORT,
         help=f"the marketplace source's port ({DEFAULT_MARKETPLACE_PORT}; 0: any free port)",
     )

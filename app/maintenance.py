@@ -46,7 +46,10 @@ DURATION_FORMS: Final = (
     "a whole number with a unit s, m, h or d (90s, 15m, 2h, 1d) or plain minutes (15)"
 )
 
-_DURATION_RE: Final = re.compile(r"(\d+)([smhd]?)")
+# A sign is read so that "-5m" is refused for what it is (not positive), not as gibberish.
+_DURATION_RE: Final = re.compile(r"([+-]?\d+)([smhd]?)")
+# Longer cannot be subtracted from now (datetime's range) and means nothing for a heartbeat.
+MAX_DURATION: Final = timedelta(days=36500)
 _UNITS: Final = {
     "s": timedelta(seconds=1),
     "m": timedelta(minutes=1),
@@ -87,11 +90,14 @@ def parse_duration(value: str) -> timedelta:
     match = _DURATION_RE.fullmatch(value.strip().lower())
     if match is None:
         raise ValueError(f"invalid duration {value!r}: use {DURATION_FORMS}")
-    amount = int(match.group(1)) * _UNITS[match.group(2)]
-    if amount <= timedelta(0):
+    number = int(match.group(1))
+    if number <= 0:
         # Zero would make every active run stale, including the ones workers are running now.
         raise ValueError(f"invalid duration {value!r}: it must be greater than zero")
-    return amount
+    unit = _UNITS[match.group(2)]
+    if number > MAX_DURATION // unit:
+        raise ValueError(f"invalid duration {value!r}: at most {MAX_DURATION.days}d (100 years)")
+    return number * unit
 
 
 def format_duration(value: timedelta) -> str:

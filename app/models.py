@@ -60,6 +60,12 @@ class IngestRun(Base):
             "status IN ('queued', 'running', 'success', 'failed')", name="status_valid"
         ),
         CheckConstraint("duration_ms IS NULL OR duration_ms >= 0", name="duration_non_negative"),
+        # A terminal row always says when it ended and how long it took (migration 0002).
+        CheckConstraint(
+            "status NOT IN ('success', 'failed') "
+            "OR (finished_at IS NOT NULL AND duration_ms IS NOT NULL)",
+            name="terminal_rows_complete",
+        ),
         # The database, not the application, guarantees one active run per key.
         Index(
             ACTIVE_RUN_INDEX,
@@ -84,7 +90,8 @@ class IngestRun(Base):
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     duration_ms: Mapped[int | None] = mapped_column(BigInteger)
-    stats_json: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
+    # none_as_null: Python None is SQL NULL, never the JSON value null (which IS NULL misses).
+    stats_json: Mapped[dict[str, Any] | None] = mapped_column(JSONB(none_as_null=True))
     error_message: Mapped[str | None] = mapped_column(Text)
     heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     celery_task_id: Mapped[str | None] = mapped_column(String(255))

@@ -22,12 +22,14 @@ from harness.logs import (
     harness_lines,
     runner_lines,
     task_lines,
+    trace_lines,
 )
 from harness.loopmodes import expected_runner_line
 from harness.runs import RunRow
 
 __all__ = [
     "RunAssertionError",
+    "assert_celery_agrees",
     "assert_loop_log",
     "assert_run_failed",
     "assert_run_succeeded",
@@ -299,4 +301,32 @@ def assert_loop_log(
                 + [f"  - {p}" for p in problems]
                 + [run_log_excerpt(lines, run_id)]
             )
+        )
+
+
+# Celery's own word on the task (celery.app.trace): as the row says, and without a traceback.
+_CELERY_SUCCEEDED = re.compile(r"^Task \S+\[(?P<id>[^\]]+)\] succeeded in ")
+_CELERY_FAILED = re.compile(r"^Task \S+\[(?P<id>[^\]]+)\] raised expected: RunFailed\(")
+
+
+def assert_celery_agrees(lines: Iterable[LogLine], task_id: str, row: RunRow) -> None:
+    """Celery's end line for ``task_id`` says what the row says: ``succeeded`` for a
+    ``success`` row, ``raised expected: RunFailed`` for a ``failed`` one, with no traceback
+    (the run's own error line has said what happened). Result backends and Flower show what
+    this line says."""
+    ends = trace_lines(lines, task_id)
+    pattern = _CELERY_SUCCEEDED if row.status == "success" else _CELERY_FAILED
+    said = "succeeded" if row.status == "success" else "raised expected: RunFailed(...)"
+    problems = []
+    if len(ends) != 1:
+        problems.append(f"expected one end line from Celery for task {task_id}, got {len(ends)}")
+    elif pattern.match(ends[0].headline) is None:
+        problems.append(f"Celery's end line should say {said!r}")
+    elif ends[0].message != ends[0].headline:
+        problems.append("Celery's end line carries a traceback; the run's error line says it all")
+    if problems:
+        shown = "\n".join(f"  {line.raw}" for line in ends) or "  (none)"
+        raise RunAssertionError(
+            f"run {row.id} is {row.status!r} but Celery disagrees: {'; '.join(problems)}\n"
+            f"Celery's lines for the task:\n{shown}"
         )

@@ -17,10 +17,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 from collections.abc import Mapping
 from typing import Any, Final
 
-from celery.signals import worker_ready
+from celery.signals import task_prerun, worker_ready
 
 from harness.worker_app import app, celery_app
 
@@ -29,6 +30,9 @@ __all__ = ["TRANSPORT_OPTIONS_ENV", "app", "celery_app", "parse_transport_option
 logger = logging.getLogger("harness.faults")
 
 TRANSPORT_OPTIONS_ENV: Final = "HARNESS_BROKER_TRANSPORT_OPTIONS"
+# "1": pool children ignore the soft time limit's signal, as a job stuck where Python cannot
+# interrupt it (inside a C call) does; then only the hard time limit ends the run.
+STUCK_PAST_SOFT_LIMIT_ENV: Final = "HARNESS_FAULT_STUCK_PAST_SOFT_LIMIT"
 
 
 def parse_transport_options(raw: str) -> dict[str, Any]:
@@ -67,6 +71,13 @@ def _on_worker_ready(sender: Any = None, **_: Any) -> None:
     )
 
 
+def _ignore_soft_limit(**_: Any) -> None:
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+
+
 _apply(os.environ)
+if os.environ.get(STUCK_PAST_SOFT_LIMIT_ENV) == "1":
+    # Before each task: the pool installs its own SIGUSR1 handler when a child starts.
+    task_prerun.connect(_ignore_soft_limit, weak=False)
 # connect() rather than the decorator form: Celery is untyped, and the function stays typed.
 worker_ready.connect(_on_worker_ready, weak=False)

@@ -581,13 +581,16 @@ class FaultWorkers:
         concurrency: int = 1,
         queue: str | None = None,
         transport_options: Mapping[str, Any] | None = None,
+        stuck_past_soft_limit: bool = False,
         **app_env_overrides: str,
     ) -> CeleryWorkerProcess:
         """Start one worker and return it once it answers a ping.
 
         ``app_env_overrides`` are further ``APP_*`` settings (``APP_HTTP_TIMEOUT_S="0.4"``);
         ``transport_options`` go to the broker connection (see
-        :data:`REDELIVERY_TRANSPORT_OPTIONS`).
+        :data:`REDELIVERY_TRANSPORT_OPTIONS`); ``stuck_past_soft_limit`` makes its pool
+        children ignore the soft time limit, as a job stuck in a C call does, so that only the
+        hard limit ends a run (``harness.fault_worker_app``).
         """
         overrides = {
             "APP_HEARTBEAT_INTERVAL_S": str(HEARTBEAT_INTERVAL_S),
@@ -598,6 +601,8 @@ class FaultWorkers:
         extra = {"HARNESS_RUNNER": self.runner}
         if transport_options:
             extra["HARNESS_BROKER_TRANSPORT_OPTIONS"] = json.dumps(dict(transport_options))
+        if stuck_past_soft_limit:
+            extra["HARNESS_FAULT_STUCK_PAST_SOFT_LIMIT"] = "1"
         worker = CeleryWorkerProcess(
             env=app_env(
                 database_url=self.database_url,

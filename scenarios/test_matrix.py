@@ -14,7 +14,7 @@ import pytest
 
 from app.tasks.ingest import run_ingest
 from fixtures.worker import InProcessRuns
-from harness.assertions import assert_run_failed, assert_run_succeeded
+from harness.assertions import assert_celery_agrees, assert_run_failed, assert_run_succeeded
 from harness.farm import CompletedRun, WorkerRuns, known_incompatibility
 from harness.loopmodes import IN_PROCESS, LOOP_MODES
 from harness.marketplace import MarketplaceServer
@@ -98,6 +98,7 @@ def test_success(
     _check_success(
         done.row, done.lines, mode, harness_runner, marketplace, marketplace_code, worker_runs
     )
+    assert_celery_agrees(done.lines, done.task_id, done.row)
 
 
 @pytest.mark.matrix(modes=LOOP_MODES)
@@ -114,6 +115,7 @@ def test_failing_run(
     done = _run(worker_runs, matrix_cell, marketplace_code, record_property)
 
     _check_failure(done.row, done.lines, mode, harness_runner, worker_runs)
+    assert_celery_agrees(done.lines, done.task_id, done.row)
     # Every attempt reached the marketplace: 1 + APP_HTTP_RETRIES=2 (harness.farm).
     assert marketplace.requests(marketplace_code).statuses() == [503, 503, 503]
     # The harness's own lines: the mode was forced as asked, an idle loop survived the run.

@@ -13,6 +13,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 from datetime import timedelta
+from typing import NoReturn
 
 from pydantic import ValidationError
 from sqlalchemy import URL, make_url
@@ -39,18 +40,31 @@ def _older_than(value: str) -> timedelta:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+_URL_FORM = "postgresql+psycopg2://user:password@host:port/db"
+
+
 def _database_url(value: str) -> URL:
     try:
-        return make_url(value)
+        url = make_url(value)
     except ArgumentError:
         # Never echo the value: it may hold a password.
+        raise argparse.ArgumentTypeError(f"not a database URL; expected {_URL_FORM}") from None
+    if url.get_backend_name() != "postgresql":
+        # Anything else would fail in a driver import, or quietly create a SQLite file.
         raise argparse.ArgumentTypeError(
-            "not a database URL; expected postgresql+psycopg2://user:password@host:port/db"
-        ) from None
+            f"a {url.get_backend_name()} URL; the runs live in PostgreSQL: {_URL_FORM}"
+        )
+    return url
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # One line, not the usage block: what was wrong, and where to look.
+        self.exit(2, f"{self.prog}: error: {message} (--help lists the options)\n")
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="unlock_stale_runs",
         description=(
             "Mark running runs whose last heartbeat (started_at when there is none) is older "
@@ -93,9 +107,26 @@ def _summary(runs: Sequence[UnlockedRun], *, dry_run: bool, scope: str, where: s
     return f"unlocked {count} ({scope}) in {where}"
 
 
+def _joined_negative_values(argv: Sequence[str]) -> list[str]:
+    """``--older-than -5m`` as ``--older-than=-5m``: argparse takes ``-5m`` for an option and
+    would say only "expected one argument"; joined, the value's own check explains it."""
+    out: list[str] = []
+    items = list(argv)
+    i = 0
+    while i < len(items):
+        following = items[i + 1] if i + 1 < len(items) else ""
+        if items[i] == "--older-than" and following[:1] == "-" and following[1:2].isdigit():
+            out.append(f"--older-than={following}")
+            i += 2
+            continue
+        out.append(items[i])
+        i += 1
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_joined_negative_values(sys.argv[1:] if argv is None else argv))
     url: URL | None = args.database_url
     if url is None:
         try:

@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 import pytest
 import redis
-from sqlalchemy import Engine, create_engine, insert, select, update
+from sqlalchemy import Engine, create_engine, func, insert, select, update
 
 from app.api import create_app
 from app.config import Settings
@@ -64,6 +64,11 @@ def db(clean_db: str) -> Iterator[Engine]:
 def insert_run(engine: Engine, **values: Any) -> int:
     row = {"project_id": 1, "marketplace_code": "demo", "job_code": "frontend_prices"}
     row.update(values)
+    if row.get("status") in ("success", "failed"):
+        # The table refuses a terminal row that does not say when it ended and how long it took.
+        ended = row.get("created_at") or datetime.now(UTC)
+        row.setdefault("finished_at", ended)
+        row.setdefault("duration_ms", 0)
     with engine.begin() as conn:
         return int(
             conn.execute(insert(IngestRun).values(**row).returning(IngestRun.id)).scalar_one()
@@ -122,7 +127,11 @@ def test_second_active_run_of_the_same_key_is_a_conflict(
     other = api_client.post(runs_url(1), json={**payload, "marketplace_code": "other"})
     assert other.status_code == 202, other.text
     with db.begin() as conn:
-        conn.execute(update(IngestRun).where(IngestRun.id == first["id"]).values(status="success"))
+        conn.execute(
+            update(IngestRun)
+            .where(IngestRun.id == first["id"])
+            .values(status="success", finished_at=func.now(), duration_ms=1)
+        )
     again = api_client.post(runs_url(1), json=payload)
     assert again.status_code == 202, again.text
 

@@ -11,14 +11,20 @@ import threading
 import time
 from collections.abc import Iterator
 from types import FrameType
+from typing import Any
 
+import psycopg2
 import pytest
 from celery.exceptions import SoftTimeLimitExceeded
+from sqlalchemy import Connection, create_engine, event, text
 
+from app.api.store import mark_enqueue_failed
 from app.config import Settings
+from app.db import get_engine
 from app.tasks.ingest import execute_ingest, run_ingest
 from harness.marketplace import MarketplaceServer
 from harness.runs import RunRow, RunStore
+from harness.services._base import libpq_dsn
 
 RUNNER_FALSE = (
     "run_async_safe: detected_running_loop=False, using asyncio.run() "
@@ -255,3 +261,101 @@ def test_database_errors_keep_only_the_drivers_message() -> None:
     text = describe_error(exc, 2000)
     assert text == "OperationalError: server closed the connection unexpectedly"
     assert "SECRET-SKU" not in text and "INSERT" not in text
+
+
+def _terminate(admin_url: str, pid: int) -> None:
+    """End backend `pid` from another connection, and wait until it is gone."""
+    conn = psycopg2.connect(libpq_dsn(admin_url))
+    conn.autocommit = True
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT pg_terminate_backend(%s)", (pid,))
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                cur.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = %s", (pid,))
+                row = cur.fetchone()
+                if row is not None and row[0] == 0:
+                    return
+                time.sleep(0.005)
+        raise AssertionError(f"backend {pid} still there 10 s after pg_terminate_backend")
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("moment", ["between_read_and_write", "at_commit"])
+def test_the_finish_survives_its_connection_dying(
+    moment: str,
+    app_settings: Settings,
+    store: RunStore,
+    marketplace: MarketplaceServer,
+    marketplace_code: str,
+    logs: pytest.LogCaptureFixture,
+) -> None:
+    """The finish's connection is terminated after its SELECT ... FOR UPDATE, or as it commits:
+    the finish is retried on a new connection, and the row ends ``success``."""
+    engine = get_engine()
+    killed: list[int] = []
+
+    def kill(conn: Connection) -> None:
+        pid = conn.connection.dbapi_connection.get_backend_pid()  # type: ignore[union-attr]
+        _terminate(app_settings.database_url, pid)
+        killed.append(pid)
+
+    def after_execute(conn: Connection, cursor: Any, statement: str, *args: Any) -> None:
+        if killed:
+            return
+        if moment == "between_read_and_write" and "FOR UPDATE" in statement:
+            kill(conn)
+        if (
+            moment == "at_commit"
+            and statement.startswith("UPDATE ingest_runs")
+            and ("finished_at" in statement)
+        ):
+            conn.info["finish_written"] = True
+
+    def before_commit(conn: Connection) -> None:
+        if moment == "at_commit" and not killed and conn.info.pop("finish_written", False):
+            kill(conn)
+
+    event.listen(engine, "after_cursor_execute", after_execute)
+    event.listen(engine, "commit", before_commit)
+    try:
+        run_id = store.create(marketplace_code=marketplace_code)
+        outcome = run_ingest(run_id)
+    finally:
+        event.remove(engine, "after_cursor_execute", after_execute)
+        event.remove(engine, "commit", before_commit)
+
+    assert killed, "the finish's connection was never terminated: the test proved nothing"
+    assert outcome.status == "success"
+    assert_finished(store.read(run_id), "success")
+    assert any(
+        f"Run {run_id}: could not record its end (attempt 1 of 5)" in m for m in logs.messages
+    ), logs.text
+
+
+def test_terminal_rows_store_sql_null_stats_and_a_duration(
+    app_settings: Settings, store: RunStore, marketplace: MarketplaceServer, marketplace_code: str
+) -> None:
+    marketplace.configure(marketplace_code, fail_always=True)
+    failed = store.create(marketplace_code=marketplace_code)
+    run_ingest(failed)
+    unsent = store.create(marketplace_code=marketplace_code, job_code="stocks")
+    assert mark_enqueue_failed(get_engine(), unsent, "enqueue failed: broker down")
+
+    engine = create_engine(app_settings.database_url)
+    try:
+        with engine.connect() as conn:
+            rows = conn.execute(
+                text(
+                    "SELECT id, stats_json IS NULL AS sql_null, finished_at, duration_ms "
+                    "FROM ingest_runs WHERE id IN (:a, :b) ORDER BY id"
+                ),
+                {"a": failed, "b": unsent},
+            ).all()
+    finally:
+        engine.dispose()
+    # SQL NULL, which the runbook's `WHERE stats_json IS NULL` finds; not the JSON value null.
+    assert [(r.id, r.sql_null) for r in rows] == [(failed, True), (unsent, True)]
+    for row in rows:
+        assert row.finished_at is not None and row.duration_ms is not None, row

@@ -173,7 +173,8 @@ def test_terminal_runs_are_never_touched(engine: Engine) -> None:
             duration_ms=60_000,
             error_message=None if status == "success" else "ValueError: boom",
         )
-    add_run(engine, "failed", created_at=long_ago)  # failed before it ever started
+    # Failed before it ever started (its message never reached the broker).
+    add_run(engine, "failed", created_at=long_ago, finished_at=long_ago, duration_ms=0)
     before = rows(engine)
 
     with freeze_time(NOW):

@@ -12,7 +12,7 @@ from typing import Any, Final
 from sqlalchemy import Engine, Row, func, insert, select, tuple_, update
 from sqlalchemy.exc import IntegrityError
 
-from app.clock import utcnow
+from app.clock import duration_ms, utcnow
 from app.models import ACTIVE_RUN_INDEX, ACTIVE_STATUSES, IngestRun
 
 __all__ = [
@@ -110,14 +110,28 @@ def record_task_id(engine: Engine, run_id: int, task_id: str | None) -> dict[str
 
 def mark_enqueue_failed(engine: Engine, run_id: int, error_message: str) -> bool:
     """Fail a run whose message never reached the broker; False if a worker already claimed it."""
-    now = utcnow()
     with engine.begin() as conn:
-        result = conn.execute(
-            update(IngestRun)
+        created = conn.execute(
+            select(IngestRun.created_at)
             .where(IngestRun.id == run_id, IngestRun.status == "queued")
-            .values(status="failed", finished_at=now, heartbeat_at=now, error_message=error_message)
+            .with_for_update()
+        ).scalar_one_or_none()
+        if created is None:
+            return False
+        now = utcnow()
+        conn.execute(
+            update(IngestRun)
+            .where(IngestRun.id == run_id)
+            .values(
+                status="failed",
+                finished_at=now,
+                # From its creation: it never started (as unlock_stale_runs counts such a run).
+                duration_ms=duration_ms(created, now),
+                heartbeat_at=now,
+                error_message=error_message,
+            )
         )
-    return result.rowcount == 1
+    return True
 
 
 def get_run(engine: Engine, *, project_id: int, run_id: int) -> dict[str, Any] | None:

@@ -14,7 +14,9 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Final
 
+from billiard.exceptions import WorkerLostError
 from celery.exceptions import SoftTimeLimitExceeded
+from celery.worker.request import Request
 from sqlalchemy import update
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
@@ -26,7 +28,7 @@ from app.ingest import JobContext, execute_ingest_job
 from app.models import IngestRun
 from app.utils import asyncio_runner
 
-__all__ = ["RunOutcome", "describe_error", "execute_ingest", "run_ingest"]
+__all__ = ["RunFailed", "RunOutcome", "describe_error", "execute_ingest", "run_ingest"]
 
 logger = logging.getLogger("app.tasks.ingest.execute_ingest")
 
@@ -215,7 +217,62 @@ def run_ingest(run_id: int, *, celery_task_id: str | None = None) -> RunOutcome:
     return RunOutcome(run_id=run_id, status="success", stats=stats)
 
 
-@celery_app.task(name="app.tasks.ingest.execute_ingest", bind=True)
+def _fail_from_main_process(args: Any, error: str) -> None:
+    """Finish the run of a pool child that died running it, from the worker's main process.
+
+    _finish changes only a ``running`` row, so a run the child did finish stays as it is.
+    """
+    try:
+        run_id = int(args[0])
+    except (IndexError, TypeError, ValueError):
+        logger.error("execute_ingest's worker process died; its arguments %r name no run", args)
+        return
+    _finish(run_id, "failed", stats=None, error=error)
+    logger.error("Run %s failed: %s", run_id, error)
+
+
+class IngestRequest(Request):  # type: ignore[misc]
+    """The worker main process's view of one execute_ingest message.
+
+    When the pool child running it is killed (Celery's hard time limit, the OOM killer, a
+    segfault), the child cannot finish its row; the main process knows at once, and finishes
+    it here as ``failed`` with the reason, rather than leaving it ``running`` until
+    unlock_stale_runs comes by.
+    """
+
+    def on_timeout(self, soft: bool, timeout: float) -> None:
+        super().on_timeout(soft, timeout)
+        if not soft:
+            _fail_from_main_process(
+                self.args,
+                f"TimeLimitExceeded: the run passed Celery's hard time limit ({timeout} s) "
+                "and its worker process was killed",
+            )
+
+    def on_failure(
+        self, exc_info: Any, send_failed_event: bool = True, return_ok: bool = False
+    ) -> None:
+        super().on_failure(exc_info, send_failed_event=send_failed_event, return_ok=return_ok)
+        exc = getattr(exc_info, "exception", None)
+        exc = getattr(exc, "exc", exc)  # ExceptionWithTraceback
+        if isinstance(exc, WorkerLostError):
+            _fail_from_main_process(
+                self.args, f"WorkerLostError: the worker process running it died: {exc}"
+            )
+
+
+class RunFailed(Exception):
+    """The task's outcome for a run that ended ``failed``, so that Celery (its result backend,
+    Flower, its log) says the task failed, as the row does. An expected error (``throws``):
+    Celery logs one line, "raised expected", at INFO, with no second traceback; the run's
+    own error line was logged already."""
+
+
+@celery_app.task(
+    name="app.tasks.ingest.execute_ingest", bind=True, throws=(RunFailed,), Request=IngestRequest
+)
 def execute_ingest(self: Any, run_id: int) -> dict[str, Any]:
     outcome = run_ingest(int(run_id), celery_task_id=self.request.id)
+    if outcome.status == "failed":
+        raise RunFailed(f"run {outcome.run_id} failed: {outcome.error_message}")
     return {"run_id": outcome.run_id, "status": outcome.status}
