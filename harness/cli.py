@@ -71,7 +71,8 @@ _SCHEMA_HELP: Final = """\
 reports/matrix.json:
   {"generated_at", "selected": {loop_modes, pools, brokers, services},
    "versions": {python, celery, kombu, sqlalchemy, postgres, redis},
-   "cells": [{"loop_mode", "pool", "broker", "status": pass|fail|skipped|not_run,
+   "cells": [{"loop_mode", "pool", "broker",
+              "status": pass|fail|skipped|interrupted|not_run,
               "scenarios", "passed", "failed", "skipped", "median_run_ms",
               "failures": [{"test", "message"}], "skip_reason"}],
    "errors": [...], "tests": [{"test", "loop_mode", "pool", "broker", "outcome", "message",
@@ -504,7 +505,7 @@ def _verdict(result: MatrixResult) -> str:
     cells = result.cells()
     counts = {
         status: sum(c.status == status for c in cells)
-        for status in ("pass", "fail", "skipped", "not_run")
+        for status in ("pass", "fail", "skipped", "interrupted", "not_run")
     }
     detail = ", ".join(f"{n} {status}" for status, n in counts.items() if n)
     word = {EXIT_OK: "PASS", EXIT_NOT_PASSED: "FAIL", EXIT_ERROR: "ERROR"}[result.exit_code]

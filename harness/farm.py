@@ -11,8 +11,11 @@ was written since the scenario began.
 Exceptions::
 
     Exception
-     └── BrokerUnavailable   the cell's broker has no URL here (no AMQP broker answers):
-                             a reason to skip the cell, not a failure
+     ├── BrokerUnavailable   the cell's broker has no URL here (no AMQP broker answers):
+     │                       a reason to skip the cell, not a failure
+     └── BrokerUnreachable   the cell's broker has a URL (HARNESS_AMQP_URL) that does not
+                             answer: a failure, found in a second rather than after a worker's
+                             20-45 s ping timeout
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from collections.abc import Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 from harness.config import ALL_POOLS, BROKERS, RUNNERS
 from harness.logs import LogLine
@@ -40,6 +43,7 @@ __all__ = [
     "WARMUP_CODE_PREFIX",
     "WARMUP_PROJECT_ID",
     "BrokerUnavailable",
+    "BrokerUnreachable",
     "CompletedRun",
     "SentRun",
     "WorkerDeath",
@@ -101,6 +105,27 @@ class BrokerUnavailable(Exception):
         super().__init__(f"broker {broker}: {reason}")
         self.broker = broker
         self.reason = reason
+
+
+class BrokerUnreachable(Exception):
+    """The cell's broker has a URL, and nothing answers there; the message names the fix."""
+
+
+_AMQP_PROBE_TIMEOUT_S: Final = 1.0
+
+
+def probe_amqp(url: str, *, timeout: float = _AMQP_PROBE_TIMEOUT_S) -> str | None:
+    """None if an AMQP broker accepts a connection (and our login) at ``url``; else why not."""
+    from kombu.connection import Connection
+
+    connection: Any = Connection(url, connect_timeout=timeout)  # type: ignore[no-untyped-call]
+    try:
+        connection.ensure_connection(max_retries=0, timeout=timeout)  # one try, no retry
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
+    finally:
+        connection.release()
+    return None
 
 
 @dataclass(frozen=True)
@@ -165,6 +190,8 @@ class WorkerFarm:
         # Every worker a spawner thread started, also one whose caller stopped waiting for it
         # (an interrupt): stop_all() stops them all.
         self._started: list[CeleryWorkerProcess] = []
+        # The AMQP probe's verdict, once: "" when the broker answered, else why not.
+        self._amqp_problem: str | None = None
 
     def __repr__(self) -> str:
         running = ", ".join(f"{p}/{b}" for p, b in self._workers) or "none"
@@ -175,9 +202,18 @@ class WorkerFarm:
         if broker == "redis":
             return self.services.redis_url
         if broker == "amqp":
-            if self.services.amqp_url is None:
+            url = self.services.amqp_url
+            if url is None:
                 raise BrokerUnavailable(broker, "no AMQP broker answers; set HARNESS_AMQP_URL")
-            return self.services.amqp_url
+            if self._amqp_problem is None:
+                self._amqp_problem = probe_amqp(url) or ""
+            if self._amqp_problem:
+                raise BrokerUnreachable(
+                    f"the AMQP broker at {mask_dsn(url)} does not answer: {self._amqp_problem}. "
+                    "Fix: start it, or correct HARNESS_AMQP_URL (amqp://USER:PASSWORD@HOST:5672//)"
+                    ", or leave out the amqp cells (--broker=redis)"
+                )
+            return url
         raise ValueError(f"unknown broker {broker!r}; known: {', '.join(BROKERS)}")
 
     def worker(self, pool: str, broker: str) -> CeleryWorkerProcess:
@@ -205,6 +241,9 @@ class WorkerFarm:
                 self.broker_url(broker)
             except BrokerUnavailable as exc:
                 logger.info("farm: not starting %s/%s: %s", pool, broker, exc.reason)
+                continue
+            except BrokerUnreachable as exc:  # worker() raises it in each of the cell's tests
+                logger.warning("farm: not starting %s/%s: %s", pool, broker, exc)
                 continue
             futures[key] = self._submit(pool, broker)
         for key, future in futures.items():

@@ -47,8 +47,10 @@ __all__ = [
 ]
 
 Cell = tuple[str, str, str]
-Outcome = Literal["passed", "failed", "skipped"]
-CellStatus = Literal["pass", "fail", "skipped", "not_run"]
+# interrupted: the test began but never finished (Ctrl-C, SIGTERM, a crashed worker): never
+# a pass, whatever phases had passed before.
+Outcome = Literal["passed", "failed", "skipped", "interrupted"]
+CellStatus = Literal["pass", "fail", "skipped", "interrupted", "not_run"]
 
 #: ``record_property`` names the scenarios use (see the module docstring of ``scenarios/``).
 CELL_PROPERTY: Final = "matrix_cell"
@@ -203,6 +205,8 @@ class _Pending:
     duration_s: float = 0.0
     call_duration_s: float | None = None
     properties: list[tuple[str, object]] = field(default_factory=list)
+    # Which phases reported: a test passed only if its call and its teardown both did.
+    phases: set[str] = field(default_factory=set)
 
 
 def _properties(report: pytest.TestReport) -> list[tuple[str, object]]:
@@ -231,6 +235,9 @@ def _record_from(nodeid: str, pending: _Pending) -> TestRecord:
         outcome, message = "failed", pending.failed
     elif pending.skipped is not None:
         outcome, message = "skipped", pending.skipped
+    elif not {"call", "teardown"} <= pending.phases:
+        missing = "its call" if "call" not in pending.phases else "its teardown"
+        outcome, message = "interrupted", f"interrupted: {missing} never reported"
     else:
         # An xfailed scenario did what it declared (xfail_strict turns an xpass into a failure).
         outcome, message = "passed", pending.xfail
@@ -291,6 +298,7 @@ class MatrixCollector:
         if len(props) >= len(pending.properties):
             pending.properties = props
         pending.duration_s += report.duration
+        pending.phases.add(report.when)
         if report.when == "call":
             pending.call_duration_s = report.duration
         if report.failed and pending.failed is None:
@@ -324,7 +332,12 @@ class MatrixCollector:
             counter = f"[{done:>3}]"
         mode, pool, broker = record.cell or ("?", "?", "?")
         where = "" if pool == "-" else f"{pool}/{broker}"
-        label = {"passed": "PASS", "failed": "FAIL", "skipped": "SKIP"}[record.outcome]
+        label = {
+            "passed": "PASS",
+            "failed": "FAIL",
+            "skipped": "SKIP",
+            "interrupted": "INTERRUPTED",
+        }[record.outcome]
         if record.outcome == "passed" and record.message:
             label = "XFAIL"
         line = (
@@ -394,6 +407,8 @@ def summarize_cell(cell: Cell, records: Sequence[TestRecord]) -> CellSummary:
         status = "not_run"
     elif failed:
         status = "fail"
+    elif any(r.outcome == "interrupted" for r in records):
+        status = "interrupted"
     elif len(skipped) == len(records):
         status = "skipped"
     else:
@@ -524,6 +539,8 @@ def _cell_text(summary: CellSummary) -> str:
         if len(reason) > _MAX_TABLE_REASON:
             reason = reason[: _MAX_TABLE_REASON - 3] + "..."
         return f"skipped {summary.scenarios}: {reason}"
+    if summary.status == "interrupted":
+        return f"INTERRUPTED {summary.passed}/{summary.scenarios}"
     return "NOT RUN"
 
 

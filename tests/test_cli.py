@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -367,3 +368,71 @@ def test_flake_reports_every_non_pass_with_run_and_cell(project: Path) -> None:
         "message": "AssertionError: lost the race in run 2",
     }
     assert (project / "reports" / "flake-runs" / "run-02.log").exists()
+
+
+_HELD_SCENARIO = """
+import os, time
+from pathlib import Path
+
+def test_held(matrix_cell):
+    Path(os.environ["HELD_MARKER"]).touch()
+    time.sleep(60)
+
+def test_quick(matrix_cell):
+    pass
+"""
+
+
+def test_ctrl_c_in_the_middle_is_interrupted_never_a_pass(tmp_path: Path) -> None:
+    """Ctrl-C while a scenario runs: that scenario is ``interrupted`` in the table, the JSON and
+    the verdict; the harness exits non-zero."""
+    import signal
+
+    from tests._children import sigint_as_in_a_terminal
+
+    (tmp_path / "scenarios").mkdir()
+    (tmp_path / "scenarios" / "test_held.py").write_text(_HELD_SCENARIO)
+    (tmp_path / "conftest.py").write_text(
+        "import pytest\n\n@pytest.fixture\ndef matrix_cell(request):\n    return request.param\n"
+    )
+    (tmp_path / "pytest.ini").write_text(
+        "[pytest]\naddopts = -p no:cacheprovider\nasyncio_default_fixture_loop_scope = function\n"
+    )
+    marker = tmp_path / "held"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "HARNESS_"))}
+    env["HELD_MARKER"] = str(marker)
+    argv = [
+        sys.executable, "-m", "harness", "matrix", "--no-services", "--services=external",
+        "-n", "0", "--loop-mode=no_loop", "--pool=solo",
+    ]  # fmt: skip
+    proc = subprocess.Popen(
+        argv,
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        preexec_fn=sigint_as_in_a_terminal,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not marker.exists():
+            assert proc.poll() is None, proc.communicate()[0].decode()
+            assert time.monotonic() < deadline, "the held scenario never started"
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGINT)
+        out = proc.communicate(timeout=60)[0].decode()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+    assert proc.returncode != 0, out
+    document = json.loads((tmp_path / "reports" / "matrix.json").read_text())
+    outcomes = {t["test"].split("::")[-1].split("[")[0]: t["outcome"] for t in document["tests"]}
+    assert outcomes.get("test_held") == "interrupted", out
+    (cell,) = document["cells"]
+    assert cell["status"] == "interrupted", cell
+    progress = [line for line in out.splitlines() if line.startswith("[") and "test_held" in line]
+    assert progress and all(" INTERRUPTED " in line for line in progress), out
+    assert "matrix: PASS" not in out

@@ -23,6 +23,7 @@ from harness.report import (
     MatrixCollector,
     MatrixResult,
     TestRecord,
+    _cell_text,
     cell_from_nodeid,
     cell_from_property,
     format_ms,
@@ -219,12 +220,22 @@ def test_crashed_xdist_worker_item_is_recorded_as_failed() -> None:
     assert "crashed" in (record.message or "")
 
 
-def test_flush_pending_records_interrupted_tests() -> None:
-    collector = MatrixCollector()
+def test_flush_pending_records_interrupted_tests_as_interrupted_never_passed() -> None:
+    out = io.StringIO()
+    collector = MatrixCollector(stream=out)
+    # Ctrl-C during the call: only its setup reported. And one interrupted during teardown.
     feed(collector, report("t.py::t[in_process]", "setup"))
+    feed(collector, report("t.py::u[in_process]", "setup"), report("t.py::u[in_process]", "call"))
     assert collector.records == []
     collector.flush_pending()
-    assert [r.outcome for r in collector.records] == ["passed"]
+    assert [(r.outcome, r.message) for r in collector.records] == [
+        ("interrupted", "interrupted: its call never reported"),
+        ("interrupted", "interrupted: its teardown never reported"),
+    ]
+    assert "INTERRUPTED" in out.getvalue() and "PASS" not in out.getvalue()
+    cell = summarize_cell(("in_process", "-", "-"), collector.records)
+    assert (cell.status, cell.passed) == ("interrupted", 0)
+    assert _cell_text(cell) == "INTERRUPTED 0/2"
 
 
 def test_total_from_xdist_and_unknown_total() -> None:

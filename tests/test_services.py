@@ -222,9 +222,25 @@ def test_docker_probe_without_an_engine_says_what_it_checked(tmp_path: Path) -> 
 
 
 def test_docker_probe_rejects_something_that_is_not_docker(tmp_path: Path) -> None:
-    # The machine's Redis accepts TCP but is no Docker engine: connecting alone is not enough.
-    result = probe_docker({"DOCKER_HOST": "tcp://127.0.0.1:6379"}, timeout=0.5)
+    # A server of our own that accepts TCP but is no Docker engine (it answers as Redis
+    # would): connecting alone is not enough. Never the machine's own Redis.
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+
+        def answer() -> None:
+            conn, _ = server.accept()
+            with conn:
+                conn.recv(4096)
+                conn.sendall(b"-ERR unknown command 'GET'\r\n")
+
+        thread = threading.Thread(target=answer, daemon=True)
+        thread.start()
+        result = probe_docker({"DOCKER_HOST": f"tcp://127.0.0.1:{port}"}, timeout=0.5)
+        thread.join(timeout=5)
     assert not result.ok
+    assert "the engine answered" in result.detail and "ERR unknown command" in result.detail
 
 
 def test_local_probe_lists_the_paths_it_checked(tmp_path: Path) -> None:
