@@ -19,6 +19,7 @@ import signal
 import sys
 import tempfile
 import time
+import urllib.parse
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
@@ -28,6 +29,7 @@ from harness.config import ALL_POOLS
 from harness.http import ServerStartError
 from harness.loopmodes import LOOP_MODES
 from harness.services import ServiceMode, ServicesError, mask_dsn
+from harness.services._proc import tcp_answers
 from harness.stack import (
     API_PART,
     MARKETPLACE_PART,
@@ -44,6 +46,7 @@ DEFAULT_PORT: Final = 8000
 DEFAULT_MARKETPLACE_PORT: Final = 8081
 # How often the waiting launcher checks that the worker is still there.
 _WATCH_S: Final = 0.5
+_PROBE_TIMEOUT_S: Final = 1.0
 _EXIT_INTERRUPTED: Final = 130
 
 
@@ -196,14 +199,34 @@ Step 5, the API (replace :run_id with the id from the first call):
 """
 
 
+def _servers_down(stack: FullStack) -> list[str]:
+    """The stack's Postgres and Redis that no longer accept a connection, as words."""
+    down = []
+    for name, url in (("Postgres", stack.database_url), ("Redis", stack.services.redis_url)):
+        parts = urllib.parse.urlsplit(url)
+        port = parts.port or (5432 if name == "Postgres" else 6379)
+        if not tcp_answers(parts.hostname or "127.0.0.1", port, _PROBE_TIMEOUT_S):
+            down.append(f"{name} at {mask_dsn(url)} no longer accepts connections")
+    return down
+
+
 def _wait(stack: FullStack, err: TextIO) -> int:
-    """Until Ctrl-C/SIGTERM (KeyboardInterrupt); 1 if the worker dies meanwhile."""
+    """Until Ctrl-C/SIGTERM (KeyboardInterrupt); 1 if the worker, Postgres or Redis dies."""
     while True:
         time.sleep(_WATCH_S)  # a signal interrupts it (KeyboardInterrupt from _Signals)
         if not stack.worker.is_alive():
             print(
                 f"The worker exited (code {stack.worker.returncode}); stopping the rest. "
                 f"Its log: {stack.worker.log_path}",
+                file=err,
+                flush=True,
+            )
+            return 1
+        down = _servers_down(stack)
+        if down:
+            print(
+                "; ".join(down) + "; the stack cannot work without it, stopping the rest. "
+                f"The logs: {stack.log_dir}",
                 file=err,
                 flush=True,
             )

@@ -287,6 +287,28 @@ class Options:
         return self.report.with_name(self.report.stem + "-pytest.log")
 
 
+def _useful_workers(config: HarnessConfig) -> int:
+    """How many xdist workers the selection can keep busy: under ``--dist loadgroup`` each
+    (pool, broker)'s scenarios go to one worker, and the in_process ones to any."""
+    groups = len(config.pools) * len(config.brokers)
+    has_worker_modes = any(mode != "in_process" for mode in config.loop_modes)
+    return max(1, (groups if has_worker_modes else 0) + ("in_process" in config.loop_modes))
+
+
+def _cap_workers(requested: str, config: HarnessConfig) -> tuple[str, str]:
+    """(-n to use, what to tell the user) with -n capped at what the selection can use."""
+    if requested == "0":
+        return requested, ""
+    wanted = (os.cpu_count() or 1) if requested in ("auto", "logical") else int(requested)
+    useful = _useful_workers(config)
+    if wanted <= useful:
+        return str(wanted) if requested in ("auto", "logical") else requested, ""
+    return str(useful), (
+        f"harness: -n {requested} capped to {useful}: the selection has {useful} group(s) of "
+        "scenarios (one per pool and broker, and in_process), and each runs on one xdist worker"
+    )
+
+
 def parse_options(argv: Sequence[str]) -> Options:
     """Parse and validate; argparse exits on syntax errors, `UsageProblem` on bad values."""
     argv = list(argv)
@@ -316,6 +338,9 @@ def parse_options(argv: Sequence[str]) -> Options:
             f"-n/--numprocesses: {ns.numprocesses!r} is not a worker count; use a number "
             "(0 runs without xdist), 'auto' or 'logical'"
         )
+    numprocesses, capped = _cap_workers(ns.numprocesses, config)
+    if capped:
+        print(capped, file=sys.stderr)
     runs = getattr(ns, "runs", 1)
     if runs < 1:
         raise UsageProblem(f"--runs: {runs} is not a number of runs; use 1 or more")
@@ -328,7 +353,7 @@ def parse_options(argv: Sequence[str]) -> Options:
     return Options(
         command=ns.command,
         config=config,
-        numprocesses=ns.numprocesses,
+        numprocesses=numprocesses,
         keyword=ns.keyword,
         scenarios=scenarios,
         report=ns.report,

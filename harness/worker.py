@@ -479,8 +479,16 @@ class CeleryWorkerProcess(StartStop):
                 bound.declare()
                 bound.delete()
                 bound.exchange.delete()
-        except Exception:  # best effort: cleanup never hides what happened before it
-            logger.warning("could not delete queue %s from the broker", self.queue, exc_info=True)
+        except Exception as exc:  # best effort: cleanup never hides what happened before it
+            # One line: the broker is often gone by now (that is why the stack is stopping),
+            # and kombu's chained traceback would bury the message that says so.
+            logger.warning(
+                "could not delete queue %s from the broker at %s: %s: %s",
+                self.queue,
+                mask_secrets(self.broker_url),
+                type(exc).__name__,
+                str(exc).strip().splitlines()[0] if str(exc).strip() else "",
+            )
 
     def _close_client(self) -> None:
         client, self._client = self._client, None

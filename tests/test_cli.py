@@ -436,3 +436,15 @@ def test_ctrl_c_in_the_middle_is_interrupted_never_a_pass(tmp_path: Path) -> Non
     progress = [line for line in out.splitlines() if line.startswith("[") and "test_held" in line]
     assert progress and all(" INTERRUPTED " in line for line in progress), out
     assert "matrix: PASS" not in out
+
+
+def test_n_is_capped_at_what_the_selection_can_use(capsys: pytest.CaptureFixture[str]) -> None:
+    one_group = cli.parse_options(["matrix", "-n", "99", "--pool=solo", "--loop-mode=no_loop"])
+    assert one_group.numprocesses == "1"
+    default = cli.parse_options(["matrix", "-n", "99"])  # 3 pools x redis, and in_process
+    assert default.numprocesses == "4"
+    err = capsys.readouterr().err
+    assert "harness: -n 99 capped to 4: the selection has 4 group(s)" in err
+    assert cli.parse_options(["matrix", "-n", "2"]).numprocesses == "2"
+    assert cli.parse_options(["matrix", "-n", "0"]).numprocesses == "0"
+    assert capsys.readouterr().err == ""

@@ -261,6 +261,29 @@ def test_sigterm_stops_everything_too(launch: Any) -> None:
     assert_all_gone(children)
 
 
+@pytest.mark.parametrize("server", ["redis-server", "postgres"])
+def test_a_dead_server_is_announced_and_everything_stops_quietly(launch: Any, server: str) -> None:
+    app = launch("--port", str(free_port()), "--marketplace-port", "0")
+    read_banner(app)
+    backend = re.search(r"Postgres: .* \((\w+), ", app.stdout)
+    assert backend is not None, app.stdout
+    if backend.group(1) != "local":
+        pytest.skip(f"kills the stack's own server processes; this stack is {backend.group(1)}")
+    children = started_children(app.proc.pid)
+    victims = [p for p in children if p.name() == server]
+    assert victims, f"no {server} among the stack's processes: {describe(children)}"
+    # The server's own main process (Postgres: the postmaster, the oldest of its processes).
+    victim = min(victims, key=lambda p: p.create_time())
+
+    victim.kill()
+
+    assert app.wait(EXIT_TIMEOUT_S) == 1, app.stderr
+    name = "Redis" if server == "redis-server" else "Postgres"
+    assert f"{name} at " in app.stderr and "no longer accepts connections" in app.stderr, app.stderr
+    assert "Traceback" not in app.stderr + app.stdout, app.stderr
+    assert_all_gone(children)
+
+
 def test_a_taken_port_fails_at_once_naming_the_option(launch: Any) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

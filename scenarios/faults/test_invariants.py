@@ -46,7 +46,12 @@ def _insert_prices(engine: Engine, skus: list[str]) -> None:
 def _set(engine: Engine, run_id: int, status: str, error: str | None = None) -> None:
     with engine.begin() as conn:
         conn.execute(
-            text("UPDATE ingest_runs SET status = :s, error_message = :e WHERE id = :id"),
+            # A terminal row says when it ended and how long it took (the table insists).
+            text(
+                "UPDATE ingest_runs SET status = :s, error_message = :e, finished_at = CASE "
+                "WHEN :s IN ('success', 'failed') THEN now() END, duration_ms = CASE "
+                "WHEN :s IN ('success', 'failed') THEN 0 END WHERE id = :id"
+            ),
             {"s": status, "e": error, "id": run_id},
         )
 
