@@ -23,6 +23,8 @@ class Settings(BaseSettings):
     broker_url: str = "redis://127.0.0.1:6379/0"
     marketplace_url: str = "http://127.0.0.1:8081"
     api_tokens: str = ""
+    # A start request is a few dozen bytes: anything near this is not one.
+    api_max_body_bytes: int = Field(default=16384, ge=1024)
     log_level: str = "INFO"
 
     # Jobs: the source client.

@@ -199,6 +199,55 @@ def test_bad_body_is_422_naming_the_field(
     assert api_enqueue.run_ids == []
 
 
+def test_a_bad_marketplace_code_is_said_in_words_not_as_a_regex(api_client: httpx.Client) -> None:
+    response = api_client.post(
+        runs_url(1), json={"job_code": "frontend_prices", "marketplace_code": "has space"}
+    )
+
+    assert response.status_code == 422
+    assert response.json()["detail"] == [
+        {
+            "loc": ["body", "marketplace_code"],
+            "msg": "marketplace_code must be letters, digits, '_', '.', '-'; 1 to 64 characters",
+            "type": "string_pattern_mismatch",
+        }
+    ]
+
+
+def test_a_422_never_echoes_the_input(api_client: httpx.Client) -> None:
+    big = "x" * 7_000  # the body stays under its limit; far over any field's
+    response = api_client.post(runs_url(1), json={"job_code": big, "marketplace_code": big})
+
+    assert response.status_code == 422
+    assert len(response.content) < 1000, response.text[:300]
+    assert big[:200] not in response.text
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+def test_a_body_over_the_limit_is_413_before_it_is_parsed(
+    api_client: httpx.Client, api_enqueue: RecordingEnqueue, chunked: bool
+) -> None:
+    payload = json.dumps({"job_code": "stocks", "marketplace_code": "demo", "pad": "x" * 1_000_000})
+    body: Any = payload.encode()
+    if chunked:  # no Content-Length: the bound is found while the bytes arrive
+
+        def chunks() -> Iterator[bytes]:
+            raw = payload.encode()
+            for i in range(0, len(raw), 65536):
+                yield raw[i : i + 65536]
+
+        body = chunks()
+    response = api_client.post(
+        runs_url(1), content=body, headers={"Content-Type": "application/json"}
+    )
+
+    assert response.status_code == 413, response.text[:300]
+    detail = response.json()["detail"]
+    assert "the request body is too large" in detail and "APP_API_MAX_BODY_BYTES" in detail
+    assert len(response.content) < 300
+    assert api_enqueue.run_ids == []
+
+
 def test_body_that_is_not_json_is_422(api_client: httpx.Client) -> None:
     response = api_client.post(
         runs_url(1), content=b"job_code=stocks", headers={"Content-Type": "application/json"}

@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request, status
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
@@ -14,6 +15,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from app.api.auth import TokenAuthenticator
 from app.api.enqueue import CeleryEnqueue, Enqueue
 from app.api.health import describe_exception, health_engine
+from app.api.limits import BodySizeLimit, plain_validation_errors
 from app.api.routes import ApiContext, api_router, health_router
 from app.config import Settings, get_settings
 
@@ -75,6 +77,8 @@ def create_app(settings: Settings | None = None, *, enqueue: Enqueue | None = No
     app.include_router(health_router)
     app.add_exception_handler(OperationalError, _database_unavailable)
     app.add_exception_handler(PoolTimeoutError, _database_unavailable)
+    app.add_exception_handler(RequestValidationError, plain_validation_errors)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.api_max_body_bytes)
 
     # Imported here: the UI is part of this app, but app.ui must not depend on app.api's import.
     from app.ui import mount_ui
