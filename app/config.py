@@ -25,6 +25,8 @@ class Settings(BaseSettings):
     api_tokens: str = ""
     # A start request is a few dozen bytes: anything near this is not one.
     api_max_body_bytes: int = Field(default=16384, ge=1024)
+    # How long a request waits for the database before it answers 503.
+    api_db_timeout_s: float = Field(default=5.0, gt=0)
     log_level: str = "INFO"
 
     # Jobs: the source client.

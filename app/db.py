@@ -10,13 +10,44 @@ import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any, Final
 
 from sqlalchemy import Engine, create_engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.config import get_settings
 
-__all__ = ["dispose_engine", "get_engine", "session_scope"]
+__all__ = [
+    "CONNECT_TIMEOUT_S",
+    "LOCK_TIMEOUT_MS",
+    "STATEMENT_TIMEOUT_MS",
+    "dispose_engine",
+    "engine_options",
+    "get_engine",
+    "session_scope",
+]
+
+# Bounds on every talk with Postgres (the API, the worker, the unlock script), so that a server
+# that hangs (stopped, overloaded, a lock held) makes a clear error in seconds, never a wait
+# without end. statement_timeout and lock_timeout are the server's own; a server that is not
+# running at all can enforce neither, so the API also bounds each request (app.api.routes).
+CONNECT_TIMEOUT_S: Final = 3
+STATEMENT_TIMEOUT_MS: Final = 30_000
+LOCK_TIMEOUT_MS: Final = 5_000
+POOL_TIMEOUT_S: Final = 5.0
+
+
+def engine_options() -> dict[str, Any]:
+    """``create_engine`` keyword arguments with the bounds above (psycopg2)."""
+    return {
+        "pool_timeout": POOL_TIMEOUT_S,
+        "connect_args": {
+            "connect_timeout": CONNECT_TIMEOUT_S,
+            "options": f"-c statement_timeout={STATEMENT_TIMEOUT_MS} "
+            f"-c lock_timeout={LOCK_TIMEOUT_MS}",
+        },
+    }
+
 
 _lock = threading.Lock()
 _engine: Engine | None = None
@@ -37,7 +68,9 @@ def get_engine(url: str | None = None) -> Engine:
                 _engine.dispose(close=False)
             _engine = None
         if _engine is None:
-            _engine = create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10)
+            _engine = create_engine(
+                url, pool_pre_ping=True, pool_size=5, max_overflow=10, **engine_options()
+            )
             _engine_pid = os.getpid()
             _engine_url = url
         return _engine

@@ -26,6 +26,7 @@ from sqlalchemy import (
 )
 
 from app.clock import duration_ms, utcnow
+from app.db import engine_options
 from app.models import IngestRun
 
 __all__ = [
@@ -144,7 +145,11 @@ def unlock_stale_runs(
     cutoff = now - older_than
 
     owned = not isinstance(engine_or_url, Engine)
-    engine = engine_or_url if isinstance(engine_or_url, Engine) else create_engine(engine_or_url)
+    engine = (
+        engine_or_url
+        if isinstance(engine_or_url, Engine)
+        else create_engine(engine_or_url, **engine_options())
+    )
     try:
         if dry_run:
             # A plain read: no row locks, so a dry run never makes a heartbeat wait, and it

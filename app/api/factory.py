@@ -16,7 +16,7 @@ from app.api.auth import TokenAuthenticator
 from app.api.enqueue import CeleryEnqueue, Enqueue
 from app.api.health import describe_exception, health_engine
 from app.api.limits import BodySizeLimit, plain_validation_errors
-from app.api.routes import ApiContext, api_router, health_router
+from app.api.routes import ApiContext, DatabaseTimeout, api_router, health_router
 from app.config import Settings, get_settings
 
 __all__ = ["create_app"]
@@ -60,6 +60,8 @@ def create_app(settings: Settings | None = None, *, enqueue: Enqueue | None = No
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         yield
         ctx.health_engine.dispose()
+        # Threads stuck on a hung server are not waited for; queued work is dropped.
+        ctx.db_pool.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(
         title=API_TITLE,
@@ -77,6 +79,7 @@ def create_app(settings: Settings | None = None, *, enqueue: Enqueue | None = No
     app.include_router(health_router)
     app.add_exception_handler(OperationalError, _database_unavailable)
     app.add_exception_handler(PoolTimeoutError, _database_unavailable)
+    app.add_exception_handler(DatabaseTimeout, _database_unavailable)
     app.add_exception_handler(RequestValidationError, plain_validation_errors)
     app.add_middleware(BodySizeLimit, max_bytes=settings.api_max_body_bytes)
 
@@ -89,7 +92,7 @@ def create_app(settings: Settings | None = None, *, enqueue: Enqueue | None = No
 
 async def _database_unavailable(request: Request, exc: Exception) -> JSONResponse:
     # A database that is down is the service's condition, not a bug: say so, as a 503.
-    reason = describe_exception(exc)
+    reason = str(exc) if isinstance(exc, DatabaseTimeout) else describe_exception(exc)
     logger.error("%s %s: the database did not answer: %s", request.method, request.url.path, reason)
     return JSONResponse(
         {"detail": f"the database did not answer: {reason}"},

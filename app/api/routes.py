@@ -1,14 +1,21 @@
 """The HTTP endpoints: ingestion runs under ``/api/v1`` and ``/healthz``.
 
-Plain ``def`` endpoints: FastAPI runs them in its threadpool, where blocking SQLAlchemy and
-kombu calls are fine.
+The runs' endpoints do their blocking SQLAlchemy and kombu calls in a thread pool of their own
+and wait for them at most ``APP_API_DB_TIMEOUT_S``: a database that hangs (stopped, locked)
+gets a 503 that says so in seconds, and the stuck thread is left to finish or fail on its own.
+A start that was not answered in time is never carried out later: its insert is refused by the
+database once the deadline has passed, and a run inserted just before it is not enqueued.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from dataclasses import dataclass
-from typing import Annotated, Any, Final, cast
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Annotated, Any, Final, TypeVar, cast
 
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request, Response, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -18,10 +25,13 @@ from app.api import health, store
 from app.api.auth import Principal, TokenAuthenticator
 from app.api.enqueue import Enqueue
 from app.api.schemas import MAX_BIGINT, MAX_INT, ErrorOut, HealthOut, RunCreate, RunOut, RunStatus
+from app.clock import utcnow
 from app.config import Settings
 from app.db import get_engine
 
-__all__ = ["ApiContext", "api_router", "health_router"]
+__all__ = ["ApiContext", "DatabaseTimeout", "api_router", "health_router"]
+
+T = TypeVar("T")
 
 logger = logging.getLogger("app.api")
 
@@ -36,11 +46,32 @@ class ApiContext:
     auth: TokenAuthenticator
     enqueue: Enqueue
     health_engine: Engine
+    # The runs' database work; a thread stuck on a hung server is not one of Starlette's.
+    db_pool: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(max_workers=16, thread_name_prefix="api-db")
+    )
 
     def engine(self) -> Engine:
         # Asked for on every request rather than kept: app.db owns the process's engine and
         # replaces it after a fork (prefork) or when another URL is asked for.
         return get_engine(self.settings.database_url)
+
+
+class DatabaseTimeout(Exception):
+    """The database did not answer a request's work within ``APP_API_DB_TIMEOUT_S``."""
+
+
+async def _bounded(ctx: ApiContext, work: Callable[[], T]) -> T:
+    """``work()`` in the database pool, waited for at most ``api_db_timeout_s``."""
+    loop = asyncio.get_running_loop()
+    timeout = ctx.settings.api_db_timeout_s
+    try:
+        return await asyncio.wait_for(loop.run_in_executor(ctx.db_pool, work), timeout)
+    except TimeoutError:
+        raise DatabaseTimeout(
+            f"no answer within {timeout:g} s (APP_API_DB_TIMEOUT_S); try again later, "
+            "GET /healthz says what is down"
+        ) from None
 
 
 def _context(request: Request) -> ApiContext:
@@ -121,13 +152,25 @@ def _broker_error_message(reason: str, max_len: int) -> str:
         },
     },
 )
-def create_run(project_id: ProjectId, body: RunCreate, ctx: Ctx, response: Response) -> RunOut:
+async def create_run(
+    project_id: ProjectId, body: RunCreate, ctx: Ctx, response: Response
+) -> RunOut:
     """Create a ``queued`` run and enqueue ``execute_ingest`` for it.
 
     The answer is the run as it is right after enqueueing: ``queued``, unless a fast worker has
     already claimed it. At most one run per project, marketplace and job is active; the database
     enforces that, and a second start answers 409 naming the active run.
     """
+    deadline = utcnow() + timedelta(seconds=ctx.settings.api_db_timeout_s)
+    run = await _bounded(ctx, lambda: _start_run(ctx, project_id, body, deadline))
+    response.headers["Location"] = _run_url(project_id, int(run["id"]))
+    return RunOut.model_validate(run)
+
+
+def _start_run(
+    ctx: ApiContext, project_id: int, body: RunCreate, deadline: datetime
+) -> dict[str, Any]:
+    """Insert, enqueue, record the task id: the start's blocking part, in the database pool."""
     engine = ctx.engine()
     try:
         run = store.create_run(
@@ -135,7 +178,10 @@ def create_run(project_id: ProjectId, body: RunCreate, ctx: Ctx, response: Respo
             project_id=project_id,
             marketplace_code=body.marketplace_code,
             job_code=body.job_code,
+            not_after=deadline,
         )
+    except store.StartExpired as exc:
+        raise DatabaseTimeout("the run's insert reached the database after the deadline") from exc
     except store.ActiveRunExists as exc:
         which = f" (run {exc.active_run_id})" if exc.active_run_id is not None else ""
         raise HTTPException(
@@ -145,6 +191,16 @@ def create_run(project_id: ProjectId, body: RunCreate, ctx: Ctx, response: Respo
         ) from exc
 
     run_id = int(run["id"])
+    if utcnow() >= deadline:
+        # Inserted, but nobody is waiting for the answer any more (they got a 503): sent now,
+        # it would run a start its caller was told had failed.
+        store.mark_enqueue_failed(
+            engine,
+            run_id,
+            "not started: the database answered after the API had given up on the request "
+            f"({ctx.settings.api_db_timeout_s:g} s, APP_API_DB_TIMEOUT_S); start the run again",
+        )
+        raise DatabaseTimeout(f"run {run_id} was inserted too late to start")
     try:
         task_id = ctx.enqueue(run_id)
     except Exception as exc:  # whatever the enqueue raised, take it that nothing was sent
@@ -171,14 +227,13 @@ def create_run(project_id: ProjectId, body: RunCreate, ctx: Ctx, response: Respo
         body.marketplace_code,
         task_id,
     )
-    response.headers["Location"] = _run_url(project_id, run_id)
-    return RunOut.model_validate(run)
+    return run
 
 
 @api_router.get(
     "/projects/{project_id}/ingest/runs", summary="List a project's runs", operation_id="listRuns"
 )
-def list_runs(
+async def list_runs(
     project_id: ProjectId,
     ctx: Ctx,
     limit: Annotated[int, Query(ge=1, le=100, description="How many runs, 1 to 100.")] = (
@@ -206,8 +261,11 @@ def list_runs(
     ``?before_id=<id of the last item>``; a page shorter than ``limit`` is the last one. A
     ``before_id`` that is not a run of this project gives an empty page.
     """
-    rows = store.list_runs(
-        ctx.engine(), project_id=project_id, limit=limit, status=run_status, before_id=before_id
+    rows = await _bounded(
+        ctx,
+        lambda: store.list_runs(
+            ctx.engine(), project_id=project_id, limit=limit, status=run_status, before_id=before_id
+        ),
     )
     return [RunOut.model_validate(row) for row in rows]
 
@@ -215,13 +273,15 @@ def list_runs(
 @api_router.get(
     "/projects/{project_id}/ingest/runs/{run_id}", summary="Get one run", operation_id="getRun"
 )
-def get_run(
+async def get_run(
     project_id: ProjectId,
     run_id: Annotated[int, Path(ge=1, le=MAX_BIGINT, description="The run's id.")],
     ctx: Ctx,
 ) -> RunOut:
     """One run, in the runbook's JSON; 404 when it is not a run of this project."""
-    row = store.get_run(ctx.engine(), project_id=project_id, run_id=run_id)
+    row = await _bounded(
+        ctx, lambda: store.get_run(ctx.engine(), project_id=project_id, run_id=run_id)
+    )
     if row is None:
         raise HTTPException(
             status.HTTP_404_NOT_FOUND, f"run {run_id} not found in project {project_id}"

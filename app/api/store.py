@@ -7,9 +7,10 @@ check-then-insert window in which two requests could both start a run.
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any, Final
 
-from sqlalchemy import Engine, Row, func, insert, select, tuple_, update
+from sqlalchemy import Engine, Row, func, insert, literal, select, tuple_, update
 from sqlalchemy.exc import IntegrityError
 
 from app.clock import duration_ms, utcnow
@@ -59,22 +60,41 @@ def _constraint_name(exc: IntegrityError) -> str | None:
     return name if isinstance(name, str) else None
 
 
+class StartExpired(Exception):
+    """The insert reached the database after the start's deadline; nothing was inserted."""
+
+
 def create_run(
-    engine: Engine, *, project_id: int, marketplace_code: str, job_code: str
+    engine: Engine,
+    *,
+    project_id: int,
+    marketplace_code: str,
+    job_code: str,
+    not_after: datetime | None = None,
 ) -> dict[str, Any]:
-    """Insert a ``queued`` run, or raise ``ActiveRunExists``."""
+    """Insert a ``queued`` run, or raise ``ActiveRunExists``.
+
+    ``not_after``: the database inserts nothing once its own clock has passed it (the request
+    that asked has had its answer by then), and ``StartExpired`` is raised.
+    """
+    values = {
+        "project_id": project_id,
+        "marketplace_code": marketplace_code,
+        "job_code": job_code,
+        "status": "queued",
+    }
+    if not_after is None:
+        stmt: Any = insert(IngestRun).values(**values)
+    else:
+        chosen = select(*(literal(v).label(k) for k, v in values.items())).where(
+            func.clock_timestamp() < not_after
+        )
+        stmt = insert(IngestRun).from_select(list(values), chosen)
     try:
         with engine.begin() as conn:
-            row = conn.execute(
-                insert(IngestRun)
-                .values(
-                    project_id=project_id,
-                    marketplace_code=marketplace_code,
-                    job_code=job_code,
-                    status="queued",
-                )
-                .returning(*_COLUMNS)
-            ).one()
+            row = conn.execute(stmt.returning(*_COLUMNS)).one_or_none()
+            if row is None:
+                raise StartExpired(f"the insert arrived after {not_after}")
     except IntegrityError as exc:
         if _constraint_name(exc) != ACTIVE_RUN_INDEX:
             raise

@@ -20,6 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 from sqlalchemy.pool import NullPool
 
 from app.config import Settings
+from app.db import CONNECT_TIMEOUT_S, STATEMENT_TIMEOUT_MS
 from app.ingest import JobContext
 from app.ingest.source import MarketplaceClient, Page, SourceProtocolError
 from app.models import Base
@@ -90,7 +91,12 @@ async def async_engine(settings: Settings) -> AsyncIterator[AsyncEngine]:
     on a fresh loop (``asyncio.run`` or a thread of its own). NullPool keeps nothing open after
     the job.
     """
-    engine = create_async_engine(settings.async_database_url, poolclass=NullPool)
+    # asyncpg's own bounds: connecting, and each command (as app.db bounds the sync engine).
+    engine = create_async_engine(
+        settings.async_database_url,
+        poolclass=NullPool,
+        connect_args={"timeout": CONNECT_TIMEOUT_S, "command_timeout": STATEMENT_TIMEOUT_MS / 1000},
+    )
     try:
         yield engine
     finally:
