@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import socket
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -11,7 +12,7 @@ from typing import Any
 import httpx
 import pytest
 from playwright.sync_api import Browser, Page, expect, sync_playwright
-from sqlalchemy import Engine, create_engine, update
+from sqlalchemy import Engine, create_engine, select, update
 
 from app.ingest import job_codes
 from app.models import IngestRun
@@ -242,3 +243,95 @@ def test_errors_are_shown_and_the_token_survives_a_reload(
     expect(page.get_by_test_id("token-input")).to_have_value(api_tokens.project1)
     expect(page.get_by_test_id("run-row")).to_have_count(1)
     assert api_tokens.project1 not in page.url
+
+
+# --- errors clear what they make stale; a narrow screen ----------------------------------------
+
+
+def test_a_refused_token_clears_the_rows_it_can_no_longer_poll(
+    page: Page, api_server: UvicornServer, api_tokens: ApiTokens
+) -> None:
+    page.goto(api_server.url + PAGE)
+    page.get_by_test_id("token-input").fill(api_tokens.project1)
+    page.get_by_test_id("start-button").click()
+    expect(page.get_by_test_id("run-row")).to_have_count(1)  # queued: nothing runs it here
+
+    page.get_by_test_id("token-input").fill("no-longer-valid")
+    page.get_by_test_id("token-input").press("Enter")
+
+    expect(page.get_by_test_id("message")).to_contain_text("401")
+    expect(page.get_by_test_id("run-row")).to_have_count(0)
+    expect(page.get_by_test_id("runs-empty")).to_be_hidden()
+    expect(page.get_by_test_id("runs-table")).to_have_attribute("data-polling", "false")
+
+
+def test_a_database_that_does_not_answer_is_said_not_no_runs(
+    page: Page, api_tokens: ApiTokens, redis_url: str
+) -> None:
+    from app.api import create_app
+    from app.config import Settings
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    settings = Settings(
+        database_url=f"postgresql+psycopg2://postgres@127.0.0.1:{port}/ingest",
+        broker_url=redis_url,
+        api_tokens=api_tokens.spec(),
+    )
+    with UvicornServer(create_app(settings, enqueue=RecordingEnqueue())) as server:
+        page.goto(server.url + PAGE)
+        page.get_by_test_id("token-input").fill(api_tokens.project1)
+        page.get_by_test_id("token-input").press("Enter")
+
+        message = page.get_by_test_id("message")
+        expect(message).to_contain_text("503")
+        expect(message).to_contain_text("the database did not answer")
+        expect(page.get_by_test_id("runs-empty")).to_be_hidden()
+
+
+def test_a_narrow_screen_keeps_the_table_readable(
+    browser: Browser,
+    api_server: UvicornServer,
+    api_tokens: ApiTokens,
+    db: Engine,
+    request: pytest.FixtureRequest,
+) -> None:
+    context = browser.new_context(viewport={"width": 420, "height": 800})
+    try:
+        page = context.new_page()
+        page.goto(api_server.url + PAGE)
+        page.get_by_test_id("token-input").fill(api_tokens.project1)
+        page.get_by_test_id("start-button").click()
+        expect(page.get_by_test_id("run-row")).to_have_count(1)
+        error = (
+            "SourceUnavailableError: marketplace answered 503 Service Unavailable for "
+            "https://marketplace.example/api/v2/frontend_prices?page=17&per_page=500 "
+            "after 3 attempts; the last body was: upstream_connect_error_or_disconnect_reset"
+        )
+        with db.begin() as conn:
+            run_id = conn.execute(select(IngestRun.id)).scalar_one()
+        finish_run(db, run_id, status="failed", error_message=error, duration_ms=1234)
+        page.reload()
+        cell = page.get_by_test_id("run-error").first
+        expect(cell).to_contain_text("SourceUnavailableError")
+
+        # Nothing spills out of the card: the table scrolls inside its own box.
+        spill = page.evaluate(
+            "() => { const card = document.querySelector('[data-testid=runs-wrap]')"
+            ".closest('.card'); return card.scrollWidth - card.clientWidth; }"
+        )
+        assert spill <= 1, f"the table spills {spill} px out of its card at 420 px"
+        # The error reads as lines of words: wide enough, and not one character per line.
+        box = cell.bounding_box()
+        assert box is not None and box["width"] >= 200, box
+        line_height = page.evaluate(
+            "el => parseFloat(getComputedStyle(el).lineHeight) || 20",
+            cell.element_handle(),
+        )
+        assert box["height"] / line_height <= 12, f"{box['height'] / line_height:.0f} lines"
+        reports = request.config.rootpath / "reports"
+        reports.mkdir(exist_ok=True)
+        page.screenshot(path=str(reports / "ui-narrow-420.png"), full_page=True)
+    finally:
+        context.close()

@@ -102,6 +102,9 @@
       detail = response.statusText;
     }
     if (response.status === 401) return "The token was refused (401): check it. " + detail;
+    if (response.status === 503) {
+      return "The service cannot do this right now (503): " + detail + " The runs shown are cleared until it answers again.";
+    }
     return "Error " + response.status + ": " + detail;
   }
 
@@ -211,6 +214,9 @@
     if (!response.ok) {
       stopPolling();
       listFailed = true;
+      // Rows from before the error (a running one no longer polled) would pass for current.
+      tbody.replaceChildren();
+      emptyNote.hidden = true;
       showMessage(await errorText(response), "error");
       return;
     }
