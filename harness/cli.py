@@ -14,6 +14,7 @@ import json
 import os
 import platform
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -62,6 +63,17 @@ DEFAULT_SCENARIOS: Final = "scenarios"
 DEFAULT_MATRIX_REPORT: Final = "reports/matrix.json"
 DEFAULT_FLAKE_REPORT: Final = "reports/flake.json"
 DEFAULT_FLAKE_RUNS: Final = 20
+DEFAULT_STRESS_REPORT: Final = "reports/stress.json"
+DEFAULT_STRESS_RUNS: Final = 10
+# What `harness stress` adds to the matrix: the fault scenarios (not the runbook's browser
+# tests, nor the pre-fix proof, which runs a matrix of its own).
+_STRESS_PYTEST_ARGS: Final = (
+    "-m",
+    "matrix or integration",
+    "--ignore=scenarios/runbook",
+    "--ignore=scenarios/test_prefix_runner.py",
+)
+_LOG_TAIL_STRESS: Final = 40
 _NUMPROCESSES: Final = re.compile(r"\d+|auto|logical")
 _LOG_TAIL_LINES: Final = 30
 _FLAKE_MESSAGE_LINES: Final = 3
@@ -224,6 +236,31 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help=f"how many times to run the matrix (default: {DEFAULT_FLAKE_RUNS})",
     )
+    stress = commands.add_parser(
+        "stress",
+        help="the matrix and the fault scenarios N times, under a CPU hog; list every non-pass",
+        description="As `harness flake`, with the fault scenarios too (scenarios/faults), while "
+        "a CPU hog of the harness's own keeps every core busy (--no-hog: without it). Each "
+        "non-pass is listed with its run, test and the tail of that run's pytest output, "
+        "which holds the worker logs of a failed test. Writes reports/stress.json.",
+        epilog=_SCHEMA_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_common(
+        stress,
+        default_report=DEFAULT_STRESS_REPORT,
+        beside_report="each run's report and output go to <name>-runs/run-NN.{json,log}",
+    )
+    stress.add_argument(
+        "--runs",
+        type=int,
+        default=DEFAULT_STRESS_RUNS,
+        metavar="N",
+        help=f"how many times to run it (default: {DEFAULT_STRESS_RUNS})",
+    )
+    stress.add_argument(
+        "--no-hog", dest="hog", action="store_false", help="do not load the CPUs meanwhile"
+    )
     compose = commands.add_parser(
         "compose",
         help="bring docker-compose.test.yml's services up (healthy) or down",
@@ -281,6 +318,7 @@ class Options:
     start_services: bool
     runs: int
     pytest_args: tuple[str, ...]
+    hog: bool = False
 
     @property
     def pytest_log(self) -> Path:
@@ -350,7 +388,11 @@ def parse_options(argv: Sequence[str]) -> Options:
             f"--scenarios: {str(scenarios)!r} does not exist (looked in {Path.cwd()}); run "
             "from the project root or pass --scenarios PATH"
         )
+    pytest_args = tuple(extra)
+    if ns.command == "stress":
+        pytest_args = (*_STRESS_PYTEST_ARGS, *pytest_args)
     return Options(
+        hog=getattr(ns, "hog", False),
         command=ns.command,
         config=config,
         numprocesses=numprocesses,
@@ -359,7 +401,7 @@ def parse_options(argv: Sequence[str]) -> Options:
         report=ns.report,
         start_services=not ns.no_services,
         runs=runs,
-        pytest_args=tuple(extra),
+        pytest_args=pytest_args,
     )
 
 
@@ -702,10 +744,50 @@ def _non_pass_text(item: Mapping[str, Any]) -> str:
     lines.extend(f"      {line}" for line in message[:_FLAKE_MESSAGE_LINES])
     if len(message) > _FLAKE_MESSAGE_LINES:
         lines.append("      ... (the whole message is in the JSON report)")
+    tail = [line for line in (item.get("log_tail") or "").splitlines() if line.strip()]
+    if tail:
+        lines.append("      the end of that run's pytest output (worker logs of failed tests):")
+        lines.extend(f"      | {line}" for line in tail[-15:])
     return "\n".join(lines)
 
 
+@contextlib.contextmanager
+def _cpu_hog(on: bool) -> Iterator[int]:
+    """One busy process per core while the block runs (none when off); yields their count.
+
+    Each gets the parent-death signal, so not even a SIGKILL of this process leaves one.
+    """
+    if not on:
+        yield 0
+        return
+    from harness.services._proc import spawn
+
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        for _ in range(os.cpu_count() or 1):
+            procs.append(
+                spawn(
+                    [sys.executable, "-c", "while True: pass"],
+                    log_path=Path(os.devnull),
+                    deathsig=signal.SIGKILL,
+                )
+            )
+        yield len(procs)
+    finally:
+        for proc in procs:
+            proc.kill()
+        for proc in procs:
+            proc.wait()
+
+
 def _cmd_flake(opts: Options) -> int:
+    with _cpu_hog(opts.hog) as hogs:
+        if hogs:
+            print(f"harness stress: a CPU hog of {hogs} busy processes runs meanwhile", flush=True)
+        return _flake_runs(opts)
+
+
+def _flake_runs(opts: Options) -> int:
     runs_dir = opts.report.with_name(opts.report.stem + "-runs")
     runs_dir.mkdir(parents=True, exist_ok=True)
     summaries: list[dict[str, Any]] = []
@@ -719,7 +801,7 @@ def _cmd_flake(opts: Options) -> int:
             else:
                 env[name] = value
         print(
-            f"harness flake: {opts.runs} runs of {_cells_text(len(opts.config.cells()))}; "
+            f"harness {opts.command}: {opts.runs} runs of {_cells_text(len(opts.config.cells()))}; "
             f"each run's output in {runs_dir}/",
             flush=True,
         )
@@ -742,7 +824,13 @@ def _cmd_flake(opts: Options) -> int:
             summary = _run_summary(run, document, code, time.monotonic() - started)
             summary.update(report=str(report), log=str(log))
             summaries.append(summary)
-            non_passes.extend(_non_passes(run, document, code, log))
+            found = _non_passes(run, document, code, log)
+            if found and opts.command == "stress":
+                # The worker logs of a failed test are in that run's pytest output.
+                tail = _tail(report.with_name(report.stem + "-pytest.log"), _LOG_TAIL_STRESS)
+                for item in found:
+                    item["log_tail"] = tail
+            non_passes.extend(found)
             print(_summary_line(summary, opts.runs), flush=True)
         service_versions = versions(services)
         service_backend = served_by(services)
@@ -774,7 +862,7 @@ def _cmd_flake(opts: Options) -> int:
     )
     verdict = "PASS" if exit_code == EXIT_OK else "FAIL"
     print(
-        f"\nreport: {opts.report}\nflake: {verdict} ({len(non_passes)} non-passes in "
+        f"\nreport: {opts.report}\n{opts.command}: {verdict} ({len(non_passes)} non-passes in "
         f"{len(summaries)} runs)",
         flush=True,
     )
@@ -787,7 +875,9 @@ def _cmd_flake(opts: Options) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """`harness matrix|flake [options] [-- pytest args]`; returns the exit code."""
     args = list(sys.argv[1:] if argv is None else argv)
-    prog = "harness " + (args[0] if args and args[0] in ("matrix", "flake", "compose") else "")
+    prog = "harness " + (
+        args[0] if args and args[0] in ("matrix", "flake", "stress", "compose") else ""
+    )
     if args and args[0] == "compose":
         try:
             return _cmd_compose(build_parser().parse_args(args))
@@ -804,7 +894,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{prog.strip()}: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
     try:
-        if opts.command == "flake":
+        if opts.command in ("flake", "stress"):
             return _cmd_flake(opts)
         return _cmd_matrix(opts)
     except ServicesError as exc:
