@@ -18,7 +18,7 @@ unexport PYTHONDONTWRITEBYTECODE
 # where an engine answers. TEST_SERVICES=auto would run the whole suite in containers.
 TEST_SERVICES ?= local
 
-.PHONY: help setup system-deps lint test test-main test-docker matrix run flake bench clean
+.PHONY: help setup system-deps lint test test-main test-docker matrix run flake stress bench clean
 
 help:
 	@echo "make matrix   run the default loop-mode x pool x broker matrix (the main job)"
@@ -26,6 +26,7 @@ help:
 	@echo "              docker tier too where a Docker engine answers)"
 	@echo "make run      start the whole stack by hand on 127.0.0.1:8000"
 	@echo "make flake    run the default matrix 20 times and report every non-pass"
+	@echo "make stress   the matrix and the fault scenarios 10 times under a CPU hog"
 	@echo "make bench    run the benchmarks (results go to docs/benchmarks.md by hand)"
 
 $(PY):
@@ -64,6 +65,9 @@ run: setup
 
 flake: setup
 	$(PY) -m harness flake --runs 20
+
+stress: setup
+	HARNESS_SERVICES=$(TEST_SERVICES) $(PY) -m harness stress --runs 10
 
 bench: setup
 	$(PY) bench/run_all.py

@@ -621,7 +621,7 @@ class LocalRedis(_LocalServer):
         """SIGTERM, SIGKILL after a few seconds, remove the temp dir. Idempotent, never raises."""
         self._stop_server("redis-server", signal.SIGTERM, _REDIS_STOP_TIMEOUT, "redis")
 
-    def restart(self, *, keep_data: bool = True) -> float:
+    def restart(self, *, keep_data: bool = True, down_for: float = 0.0) -> float:
         """Stop the server and start a new one on the same port and dir; return the downtime (s).
 
         What a person's ``systemctl restart redis`` does to the clients: every connection is
@@ -629,6 +629,7 @@ class LocalRedis(_LocalServer):
         the old server saves its dataset on the way down (``SHUTDOWN SAVE``) and the new one
         loads it from the dir, as a Redis with persistence keeps its queues across a restart;
         without, the new server starts empty (``--save ""`` is how this one is configured).
+        ``down_for`` keeps it down that many seconds before the new one starts (an outage).
 
         Call it from a thread that outlives the server, as ``start()`` (the new process's death
         signal). If the new server cannot start (the port was taken in between: the URL cannot
@@ -642,6 +643,8 @@ class LocalRedis(_LocalServer):
         if not keep_data:
             # A dump left by an earlier restart(keep_data=True) would be loaded again.
             (base / _REDIS_DUMP).unlink(missing_ok=True)
+        if down_for > 0:
+            time.sleep(down_for)  # the outage itself: nothing to wait for but the clock
         server = self._server or find_redis_server(self._env)
         log_path = base / "redis.log"
         try:

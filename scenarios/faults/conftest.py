@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -76,8 +77,18 @@ def _rows_text(engine: Engine) -> str:
 
 @pytest.fixture
 def fault_broker_url(services: Services) -> str:
-    """The broker of the test's fault workers: the session's Redis (a module may override it)."""
-    return services.redis_url
+    """The broker of the test's fault workers: the session's Redis, in a database of this xdist
+    worker's own (a module may override it).
+
+    `harness matrix` and `harness stress` share one Redis between their xdist workers, and
+    kombu keeps one index of unacknowledged messages per Redis database: a redelivery
+    scenario's worker (a 1 s visibility timeout) would hand back the other xdist worker's
+    unacknowledged messages too.
+    """
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    index = int(worker[2:]) + 1 if worker.startswith("gw") and worker[2:].isdigit() else 0
+    parts = urllib.parse.urlsplit(services.redis_url)
+    return urllib.parse.urlunsplit(parts._replace(path=f"/{1 + index % 15}"))
 
 
 @pytest.fixture

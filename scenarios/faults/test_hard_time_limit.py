@@ -19,7 +19,13 @@ from typing import Final
 import pytest
 
 from harness.assertions import assert_run_failed, assert_run_succeeded
-from harness.faults import FaultWorkers, start_held_run, wait_answers_ping, wait_dead
+from harness.faults import (
+    FaultWorkers,
+    hold_source,
+    start_held_run,
+    wait_answers_ping,
+    wait_dead,
+)
 from harness.marketplace import MarketplaceServer
 from harness.runs import RunStore
 from harness.worker import CeleryWorkerProcess
@@ -54,15 +60,12 @@ def test_a_child_killed_by_the_hard_time_limit_fails_its_run_at_once(
 ) -> None:
     worker = fault_workers.start(pool="prefork", concurrency=1, stuck_past_soft_limit=True)
     since = worker.log_mark()
-    # Held for good: only the hard limit can end it.
-    run_id, _ = start_held_run(
-        fault_store,
-        worker,
-        marketplace,
-        project_id=PROJECT_ID,
-        soft_time_limit=SOFT_LIMIT_S,
-        time_limit=HARD_LIMIT_S,
-    )
+    # Held for good: only the hard limit can end it. Not start_held_run: on a loaded machine
+    # the limit may fire before a poll has seen the run mid-run, and that is no failure here.
+    code = f"mp-{uuid.uuid4().hex[:8]}"
+    hold_source(marketplace, code)
+    run_id = fault_store.create(project_id=PROJECT_ID, marketplace_code=code)
+    worker.send(run_id, soft_time_limit=SOFT_LIMIT_S, time_limit=HARD_LIMIT_S)
 
     row = fault_store.wait_terminal(run_id, timeout=FINISHED_WITHIN_S)
 
