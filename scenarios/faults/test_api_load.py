@@ -213,6 +213,11 @@ def outage_stack(services: Services, tmp_path: Path) -> Iterator[tuple[FullStack
         redis.stop()
 
 
+# Quarantined (docs/faults.md, scenario 10): in 2 of 20 stress runs it failed for reasons not
+# yet fixed: a run stranded queued by the outage (the service's gap), and the worker exiting
+# inside kombu on the reconnect. `make stress` runs it; `make test` does not, so that CI does
+# not fail one time in ten on what the open issue already says.
+@pytest.mark.quarantine
 def test_2000_requests_with_redis_down_for_5_s(
     outage_stack: tuple[FullStack, LocalRedis], request: pytest.FixtureRequest
 ) -> None:
