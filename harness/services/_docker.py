@@ -293,13 +293,20 @@ def _image_problem(client: Any, image: str, log: logging.Logger) -> str:
         return f"image {image!r} is not on the engine and pulling it failed: {exc.explanation}"
 
 
+class _EngineUnreachable(Exception):
+    """The engine did not answer docker-py; only the description is kept (see below)."""
+
+
 def _check_images(
     images: DockerImages, env: Mapping[str, str], log: logging.Logger
 ) -> tuple[list[str], dict[str, str]]:
     """(what is wrong with the images, {service: image@id}) on the engine at DOCKER_HOST."""
+    failure = ""
     with warnings.catch_warnings():
         # docker-py leaks the socket of a failed version check (no engine after all); that is
-        # its bug, reported by the caller as our start error.
+        # its bug, reported by the caller as our start error. The socket is reachable from the
+        # exception's traceback: only once the except block has dropped it can it be collected
+        # here, while its warning is ignored, rather than in some later test.
         warnings.simplefilter("ignore", ResourceWarning)
         try:
             with docker_client(env) as client:
@@ -309,8 +316,11 @@ def _check_images(
                     "postgres": image_version(client, images.postgres),
                     "redis": image_version(client, images.redis),
                 }
-        finally:
-            gc.collect()  # let a leaked socket go while its warning is ignored
+        except Exception as exc:
+            failure = _describe(exc)
+        gc.collect()
+    if failure:
+        raise _EngineUnreachable(failure)
     return problems, versions
 
 
@@ -390,12 +400,11 @@ def start_docker(
     configure_testcontainers(env)
     try:
         problems, versions = _check_images(images, env, log)
-    except Exception as exc:
+    except _EngineUnreachable as exc:
         raise ServiceStartError(
-            f"the docker backend failed to reach the engine at {docker_host(env)}: "
-            f"{_describe(exc)}",
+            f"the docker backend failed to reach the engine at {docker_host(env)}: {exc}",
             fix=_FIX,
-        ) from exc
+        ) from None
     if problems:
         raise ServiceStartError(
             "the docker backend cannot run its images: " + "; ".join(problems),
