@@ -13,15 +13,21 @@ import logging
 import re
 import shutil
 import subprocess
-import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
 from harness.services._base import ProbeResult, ServicesError, ServiceStartError
-from harness.services._docker import docker_client, docker_host, image_version, probe_docker
+from harness.services._docker import (
+    container_log_tail,
+    docker_client,
+    docker_host,
+    image_version,
+    probe_docker,
+)
 from harness.services._external import DATABASE_VAR, REDIS_VAR, start_external
+from harness.services._proc import poll_until
 
 COMPOSE_FILE: Final = "docker-compose.test.yml"
 COMPOSE_FILE_VAR: Final = "HARNESS_COMPOSE_FILE"
@@ -245,38 +251,44 @@ def compose_up(
         )
     cli = compose_cli(env)
     _run(cli, [*_base_args(env, file), "up", "-d"], env, "up")
-    deadline = time.monotonic() + timeout
-    while True:
+
+    def healthy() -> dict[str, Endpoint] | None:
         found = endpoints(env)
         problems = _not_ready(found)
         if not problems:
             return found
         failed = [e for e in found.values() if e.health in ("unhealthy", "exited", "dead")]
-        if failed or time.monotonic() >= deadline:
-            stuck = (
-                failed[0]
-                if failed
-                else next((e for e in found.values() if e.health != "healthy"), None)
-            )
-            raise ComposeError(
-                f"the compose project {project_name(env)!r} did not become healthy"
-                + ("" if failed else f" within {timeout:g} s")
-                + ": "
-                + "; ".join(problems),
-                log_tail=_container_log(env, stuck.container) if stuck else (),
-                fix="read the container's log above (`docker logs <name>`); "
-                "`harness compose down` removes the project",
-            )
-        time.sleep(_POLL_S)
+        if failed:  # it will not get better: say so now, not at the deadline
+            raise _not_healthy(env, problems, failed[0], within=None)
+        return None
+
+    ready = poll_until(healthy, timeout=timeout, interval=_POLL_S)
+    if ready is None:
+        found = endpoints(env)
+        stuck = next((e for e in found.values() if e.health != "healthy"), None)
+        raise _not_healthy(env, _not_ready(found), stuck, within=timeout)
+    return ready
 
 
-def _container_log(env: Mapping[str, str], name: str) -> list[str]:
-    try:
-        with docker_client(env) as client:
-            raw: bytes = client.containers.get(name).logs(tail=_LOG_TAIL)
-    except Exception as exc:
-        return [f"(no logs: {exc})"]
-    return raw.decode("utf-8", "replace").splitlines()
+def _not_healthy(
+    env: Mapping[str, str], problems: Sequence[str], stuck: Endpoint | None, within: float | None
+) -> ComposeError:
+    log_tail: list[str] = []
+    if stuck is not None:
+        try:
+            with docker_client(env) as client:
+                log_tail = container_log_tail(client.containers.get(stuck.container))
+        except Exception as exc:
+            log_tail = [f"(no logs: {exc})"]
+    return ComposeError(
+        f"the compose project {project_name(env)!r} did not become healthy"
+        + ("" if within is None else f" within {within:g} s")
+        + ": "
+        + "; ".join(problems),
+        log_tail=log_tail,
+        fix="read the container's log above (`docker logs <name>`); "
+        "`harness compose down` removes the project",
+    )
 
 
 def compose_down(env: Mapping[str, str], *, file: Path) -> None:

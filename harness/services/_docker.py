@@ -332,10 +332,10 @@ def image_version(client: Any, image: str) -> str:
         return image
 
 
-def _log_tail(container: Any) -> list[str]:
+def container_log_tail(container: Any) -> list[str]:
+    """The last lines of a docker-py container's log (both backends' errors show them)."""
     try:
-        wrapped = container.get_wrapped_container()
-        raw = wrapped.logs(tail=_LOG_TAIL) if wrapped is not None else b""
+        raw: bytes = container.logs(tail=_LOG_TAIL) if container is not None else b""
     except Exception as exc:
         return [f"(no logs: {exc})"]
     return raw.decode("utf-8", "replace").splitlines()[-_LOG_TAIL:]
@@ -460,7 +460,7 @@ def start_docker(
         raise ServiceStartError(
             f"the {name} container ({container.image}) did not become ready: {_describe(error)}",
             checked=[f"engine at {docker_host(env)}", f"image {versions[name]}"],
-            log_tail=_log_tail(container),
+            log_tail=container_log_tail(container.get_wrapped_container()),
             fix="read the container's log above; check the image's entrypoint and `docker info`",
         ) from error
     pg_url: str = pg.get_connection_url()
