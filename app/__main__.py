@@ -23,8 +23,9 @@ import urllib.parse
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
-from typing import Final, NoReturn, TextIO, get_args
+from typing import Final, TextIO, get_args
 
+from app.utils.cli import OneLineParser
 from harness.config import ALL_POOLS
 from harness.http import ServerStartError
 from harness.loopmodes import LOOP_MODES
@@ -69,14 +70,8 @@ def _port(*, allow_zero: bool) -> Callable[[str], int]:
     return port
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        # One line, not the usage block: what was wrong, and where to look.
-        self.exit(2, f"{self.prog}: error: {message} (--help lists the options)\n")
-
-
 def _parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = OneLineParser(
         prog="python -m app",
         description="Start Postgres, Redis, the migrations, a Celery worker, the marketplace "
         "source and the API + UI on one machine, to follow the execute_ingest runbook by hand. "

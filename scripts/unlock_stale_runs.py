@@ -13,7 +13,6 @@ import argparse
 import sys
 from collections.abc import Sequence
 from datetime import timedelta
-from typing import NoReturn
 
 from pydantic import ValidationError
 from sqlalchemy import URL, make_url
@@ -28,6 +27,7 @@ from app.maintenance import (
     parse_duration,
     unlock_stale_runs,
 )
+from app.utils.cli import OneLineParser
 
 __all__ = ["main"]
 
@@ -57,14 +57,8 @@ def _database_url(value: str) -> URL:
     return url
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        # One line, not the usage block: what was wrong, and where to look.
-        self.exit(2, f"{self.prog}: error: {message} (--help lists the options)\n")
-
-
 def _parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = OneLineParser(
         prog="unlock_stale_runs",
         description=(
             "Mark running runs whose last heartbeat (started_at when there is none) is older "
