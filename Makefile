@@ -51,7 +51,7 @@ test: setup lint test-main test-docker
 
 # worksteal: the other xdist worker takes over tests queued behind a long one (the pre-fix proof).
 test-main: setup
-	HARNESS_SERVICES=$(TEST_SERVICES) $(VENV)/bin/pytest -n 2 --dist worksteal -m "not docker and not quarantine" $(PYTEST_ARGS)
+	HARNESS_SERVICES=$(TEST_SERVICES) $(VENV)/bin/pytest -n 2 --dist worksteal -m "not docker" $(PYTEST_ARGS)
 
 # Runs only where a Docker engine answers; says so and passes where none does.
 test-docker: setup

@@ -25,6 +25,9 @@ from pathlib import Path
 from types import FrameType
 from typing import Final, TextIO, get_args
 
+from pydantic import ValidationError
+
+from app.config import describe_settings_error, get_settings
 from app.utils.cli import OneLineParser
 from harness.config import ALL_POOLS
 from harness.http import ServerStartError
@@ -233,6 +236,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     out, err = sys.stdout, sys.stderr
     signals = _Signals(err)
     signals.install()
+
+    try:
+        get_settings()  # the API's and the worker's APP_* settings, before anything starts
+    except ValidationError as exc:
+        print(f"python -m app: {describe_settings_error(exc)}", file=err, flush=True)
+        return 2
 
     stack: FullStack | None = None
     ready = False

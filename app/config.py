@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-__all__ = ["Settings", "get_settings"]
+__all__ = ["Settings", "describe_settings_error", "get_settings"]
 
 
 class Settings(BaseSettings):
@@ -40,6 +40,12 @@ class Settings(BaseSettings):
     time_limit_s: float = Field(default=660.0, gt=0)
     heartbeat_interval_s: float = Field(default=30.0, gt=0)
     error_message_max_len: int = Field(default=2000, ge=100)
+    # The broker (Redis): a message a worker took and did not acknowledge within this many
+    # seconds is delivered again. A worker that loses Redis with messages reserved cannot hand
+    # them back, and kombu's default would keep them an hour. The default is above the hard
+    # time limit, so a live run's message is not handed out while it runs; a second delivery is
+    # harmless anyway, since execute_ingest runs a run only while it is queued.
+    broker_visibility_timeout_s: float = Field(default=900.0, ge=1)
 
     @field_validator("database_url")
     @classmethod
@@ -84,6 +90,18 @@ class Settings(BaseSettings):
                 ) from exc
             scopes[token] = ids
         return scopes
+
+
+def describe_settings_error(exc: ValidationError) -> str:
+    """One line naming each ``APP_*`` variable that is wrong and why, never its value (a URL's
+    password would be in it)."""
+    parts = []
+    for err in exc.errors():
+        field = str(err["loc"][0]) if err["loc"] else ""
+        name = f"APP_{field.upper()}" if field else "APP_*"
+        message = str(err["msg"]).removeprefix("Value error, ")
+        parts.append(message if message.startswith(name) else f"{name}: {message}")
+    return "; ".join(parts) + " (app/config.py lists the settings)"
 
 
 @lru_cache(maxsize=1)

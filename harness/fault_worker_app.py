@@ -18,14 +18,21 @@ import json
 import logging
 import os
 import signal
+import time
 from collections.abc import Mapping
 from typing import Any, Final
 
 from celery.signals import task_prerun, worker_ready
 
+from harness.faults import STALLING_LINE
 from harness.worker_app import app, celery_app
 
-__all__ = ["TRANSPORT_OPTIONS_ENV", "app", "celery_app", "parse_transport_options"]
+__all__ = [
+    "TRANSPORT_OPTIONS_ENV",
+    "app",
+    "celery_app",
+    "parse_transport_options",
+]
 
 logger = logging.getLogger("harness.faults")
 
@@ -33,6 +40,9 @@ TRANSPORT_OPTIONS_ENV: Final = "HARNESS_BROKER_TRANSPORT_OPTIONS"
 # "1": pool children ignore the soft time limit's signal, as a job stuck where Python cannot
 # interrupt it (inside a C call) does; then only the hard time limit ends the run.
 STUCK_PAST_SOFT_LIMIT_ENV: Final = "HARNESS_FAULT_STUCK_PAST_SOFT_LIMIT"
+# "1": each task stalls before its body runs, so the worker holds the message, unacknowledged,
+# with the run still queued: a worker that took a message and was lost before it started it.
+STALL_BEFORE_TASK_ENV: Final = "HARNESS_FAULT_STALL_BEFORE_TASK"
 
 
 def parse_transport_options(raw: str) -> dict[str, Any]:
@@ -75,7 +85,15 @@ def _ignore_soft_limit(**_: Any) -> None:
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
 
+def _stall(task_id: str | None = None, **_: Any) -> None:
+    logger.warning(STALLING_LINE.format(task_id=task_id))
+    while True:  # until the scenario kills the worker
+        time.sleep(3600)
+
+
 _apply(os.environ)
+if os.environ.get(STALL_BEFORE_TASK_ENV) == "1":
+    task_prerun.connect(_stall, weak=False)
 if os.environ.get(STUCK_PAST_SOFT_LIMIT_ENV) == "1":
     # Before each task: the pool installs its own SIGUSR1 handler when a child starts.
     task_prerun.connect(_ignore_soft_limit, weak=False)

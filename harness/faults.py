@@ -60,6 +60,7 @@ __all__ = [
     "HELD_LATENCY_S",
     "REDELIVERY_TRANSPORT_OPTIONS",
     "STALE_AFTER",
+    "STALLING_LINE",
     "Backend",
     "BackendTerminator",
     "FaultInvariantError",
@@ -108,6 +109,8 @@ REDELIVERY_TRANSPORT_OPTIONS: Final[Mapping[str, Any]] = {
     "unacked_restore_interval": 0.1,
     "unacked_restore_throttle": 1,
 }
+# The warning of a fault worker started with stall_before_task=True, as each task stalls.
+STALLING_LINE: Final = "fault: stalling before the task body of message {task_id}"
 # A held source answers each request after this long, so a run keeps fetching (and stays
 # running) until release_source(); the request in flight finishes at most this long after it.
 HELD_LATENCY_S: Final = 0.25
@@ -582,6 +585,7 @@ class FaultWorkers:
         queue: str | None = None,
         transport_options: Mapping[str, Any] | None = None,
         stuck_past_soft_limit: bool = False,
+        stall_before_task: bool = False,
         **app_env_overrides: str,
     ) -> CeleryWorkerProcess:
         """Start one worker and return it once it answers a ping.
@@ -590,7 +594,9 @@ class FaultWorkers:
         ``transport_options`` go to the broker connection (see
         :data:`REDELIVERY_TRANSPORT_OPTIONS`); ``stuck_past_soft_limit`` makes its pool
         children ignore the soft time limit, as a job stuck in a C call does, so that only the
-        hard limit ends a run (``harness.fault_worker_app``).
+        hard limit ends a run; ``stall_before_task`` makes every task stall before its body,
+        holding its message unacknowledged with the run still queued, until the worker is
+        killed (both: ``harness.fault_worker_app``).
         """
         overrides = {
             "APP_HEARTBEAT_INTERVAL_S": str(HEARTBEAT_INTERVAL_S),
@@ -603,6 +609,8 @@ class FaultWorkers:
             extra["HARNESS_BROKER_TRANSPORT_OPTIONS"] = json.dumps(dict(transport_options))
         if stuck_past_soft_limit:
             extra["HARNESS_FAULT_STUCK_PAST_SOFT_LIMIT"] = "1"
+        if stall_before_task:
+            extra["HARNESS_FAULT_STALL_BEFORE_TASK"] = "1"
         worker = CeleryWorkerProcess(
             env=app_env(
                 database_url=self.database_url,

@@ -18,7 +18,7 @@ from pydantic import ValidationError
 from sqlalchemy import URL, make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
-from app.config import get_settings
+from app.config import describe_settings_error, get_settings
 from app.maintenance import (
     DEFAULT_OLDER_THAN,
     DURATION_FORMS,
@@ -127,7 +127,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             url = _database_url(get_settings().database_url)
         except ValidationError as exc:
             # Only the messages: pydantic's full text repeats the input, password included.
-            parser.error("; ".join(str(err["msg"]) for err in exc.errors()))
+            parser.error(describe_settings_error(exc))
         except argparse.ArgumentTypeError as exc:
             parser.error(f"APP_DATABASE_URL: {exc}")
     where = url.render_as_string(hide_password=True)

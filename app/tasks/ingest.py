@@ -231,6 +231,17 @@ def _fail_from_main_process(args: Any, error: str) -> None:
     logger.error("Run %s failed: %s", run_id, error)
 
 
+def _channel_closed(message: Any) -> bool:
+    """Whether the broker channel ``message`` came on is closed, so that no ack can reach it."""
+    channel = getattr(message, "channel", None)
+    if channel is None or getattr(channel, "closed", False):  # kombu's virtual channels
+        return True
+    if getattr(channel, "is_open", True) is False:  # py-amqp's
+        return True
+    transport = getattr(channel, "connection", None)
+    return transport is None or getattr(transport, "client", True) is None
+
+
 class IngestRequest(Request):  # type: ignore[misc]
     """The worker main process's view of one execute_ingest message.
 
@@ -238,7 +249,34 @@ class IngestRequest(Request):  # type: ignore[misc]
     segfault), the child cannot finish its row; the main process knows at once, and finishes
     it here as ``failed`` with the reason, rather than leaving it ``running`` until
     unlock_stale_runs comes by.
+
+    When the broker connection the message came on closed while the run ran, its ack cannot
+    be delivered: one warning says so (where Celery would log a CRITICAL traceback), and the
+    broker delivers the message again after the visibility timeout, as a no-op.
     """
+
+    def acknowledge(self) -> None:
+        if not self.acknowledged and _channel_closed(self.message):
+            self._unacknowledged("acknowledge")
+            return
+        super().acknowledge()
+
+    def reject(self, requeue: bool = False) -> None:
+        if not self.acknowledged and _channel_closed(self.message):
+            self._unacknowledged("reject")
+            return
+        super().reject(requeue=requeue)
+
+    def _unacknowledged(self, verb: str) -> None:
+        self.acknowledged = True  # nothing more can be done with this delivery
+        logger.warning(
+            "Could not %s the message of run %s: its broker connection closed while it ran; "
+            "the broker delivers it again after APP_BROKER_VISIBILITY_TIMEOUT_S (%g s), and "
+            "a run that is no longer queued makes that delivery a no-op",
+            verb,
+            self.args[0] if self.args else "?",
+            get_settings().broker_visibility_timeout_s,
+        )
 
     def on_timeout(self, soft: bool, timeout: float) -> None:
         super().on_timeout(soft, timeout)

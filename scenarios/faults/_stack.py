@@ -62,8 +62,11 @@ def own_stack(
     pool: str = "solo",
     concurrency: int | None = None,
     loop_mode: str = "no_loop",
+    worker_settings: Mapping[str, str] | None = None,
 ) -> Iterator[FullStack]:
     """A ``FullStack`` on ``services`` with a fresh database ``faults_<name>_<hex>``.
+
+    ``worker_settings``: further ``APP_*`` variables of the stack's worker.
 
     ``loop_mode`` is the worker's default mode: runs the API enqueues carry no loop-mode header,
     so every run of the stack executes under it.
@@ -79,6 +82,7 @@ def own_stack(
         concurrency=concurrency,
         loop_mode=loop_mode,
         log_dir=log_dir,
+        worker_settings=worker_settings,
     ) as stack:
         yield stack
 

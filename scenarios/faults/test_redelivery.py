@@ -14,6 +14,7 @@ production an hour later. The task must then log it as a no-op:
 from __future__ import annotations
 
 import signal
+import uuid
 
 import pytest
 
@@ -22,6 +23,7 @@ from harness.assertions import assert_run_failed, assert_run_succeeded
 from harness.faults import (
     REDELIVERY_TRANSPORT_OPTIONS,
     STALE_AFTER,
+    STALLING_LINE,
     FaultWorkers,
     assert_fault_invariants,
     release_source,
@@ -141,6 +143,42 @@ def test_killed_after_the_run_before_the_ack_the_redelivered_message_is_a_no_op(
     wait_acknowledged(fault_workers.broker_url, queue)
     assert fault_store.read(run_id) == done, "a redelivered message changed the finished row"
     assert _starts(fault_workers.log_lines(), run_id) == 1, "the run was executed again"
+    assert_fault_invariants(
+        fault_store,
+        fault_workers.log_lines(),
+        expected_rows=served_rows(marketplace, code, project_id=PROJECT_ID),
+    )
+
+
+def test_taken_but_never_started_the_message_comes_back_by_the_services_own_timeout(
+    fault_workers: FaultWorkers,
+    fault_store: RunStore,
+    marketplace: MarketplaceServer,
+) -> None:
+    """What a Redis outage does to a reserved message, made deterministic: the worker that took
+    it is lost before the task began, so nothing hands it back. The service's
+    APP_BROKER_VISIBILITY_TIMEOUT_S, not a harness option, must bring it back, and the run then
+    runs once and succeeds (before that setting, it waited kombu's hour, the run queued)."""
+    queue = fault_workers.shared_queue()
+    victim = fault_workers.start(pool="prefork", concurrency=1, queue=queue, stall_before_task=True)
+    code = f"mp-{uuid.uuid4().hex[:8]}"
+    run_id = fault_store.create(project_id=PROJECT_ID, marketplace_code=code)
+    task_id = victim.send(run_id, loop_mode="no_loop")
+    stalling = STALLING_LINE.format(task_id=task_id)
+    victim.wait_for_log(lambda lines: any(x.headline == stalling for x in lines), what=stalling)
+    group = victim.group_pids()
+    victim.kill(signal.SIGKILL)
+    wait_dead(group)
+    assert unacked_messages(fault_workers.broker_url, queue) == 1, "the message was not held"
+    assert fault_store.read(run_id).status == "queued"
+
+    heir = fault_workers.start(queue=queue, APP_BROKER_VISIBILITY_TIMEOUT_S="1")
+    done = fault_store.wait_terminal(run_id, timeout=15.0)
+    assert_run_succeeded(
+        done, log=heir.log_lines(), project_id=PROJECT_ID, **marketplace.served_stats(code, DOMAIN)
+    )
+    wait_acknowledged(fault_workers.broker_url, queue)
+    assert _starts(fault_workers.log_lines(), run_id) == 1, "the run was executed twice"
     assert_fault_invariants(
         fault_store,
         fault_workers.log_lines(),

@@ -11,6 +11,7 @@ slot (the third case: the runbook's stuck run again, with the script as its reme
 
 from __future__ import annotations
 
+import threading
 import uuid
 from collections.abc import Iterator
 
@@ -44,6 +45,8 @@ DOMAIN = "frontend_prices"
 # Celery's warning when the broker connection drops (its traceback goes to DEBUG only).
 CONNECTION_LOST = "Connection to broker lost"
 CONNECTED = "Connected to redis://"
+# The service's warning when the broker connection closed before a finished run's ack.
+UNACKED_WARNING = "Could not acknowledge the message of run {run_id}: its broker connection closed"
 
 
 @pytest.fixture(scope="module")
@@ -212,3 +215,66 @@ def test_restart_without_persistence_loses_the_message_and_the_script_frees_the_
         expected_rows=served_rows(marketplace, busy_code, project_id=PROJECT_ID),
     )
     assert report.recovered == [lost]
+
+
+@pytest.mark.parametrize("pool", ["prefork", "threads"])
+def test_a_run_that_ends_while_redis_is_down_leaves_the_worker_up(
+    pool: str,
+    fault_workers: FaultWorkers,
+    own_redis: LocalRedis,
+    fault_store: RunStore,
+    marketplace: MarketplaceServer,
+) -> None:
+    """The run's task returns while the broker is gone: Celery acknowledges its message on the
+    channel of the closed connection, where kombu's Redis transport raised AttributeError and
+    Celery's consumer took the worker down ("Unrecoverable error"). The worker must stay up and
+    reconnect, the row must be the run's, and the message, never acknowledged, must come back
+    as a no-op after the visibility timeout (short here)."""
+    # Two slots, one busy: the worker is waiting in BRPOP for more when Redis goes away. Closing
+    # that channel fails, and the connection's close then tries it again with its transport
+    # already gone: where kombu raised AttributeError.
+    worker = fault_workers.start(pool=pool, concurrency=2, APP_BROKER_VISIBILITY_TIMEOUT_S="2")
+    run_id, code = start_held_run(fault_store, worker, marketplace, project_id=PROJECT_ID)
+    ended: list[RunRow] = []
+    errors: list[BaseException] = []
+
+    def end_the_run_during_the_outage() -> None:
+        try:
+            worker.wait_for_log(
+                lambda lines: any(CONNECTION_LOST in x.headline for x in lines),
+                what="the worker losing the broker",
+            )
+            release_source(marketplace, code)
+            ended.append(fault_store.wait_terminal(run_id, timeout=10.0))
+        except BaseException as exc:  # re-raised in the test thread
+            errors.append(exc)
+
+    helper = threading.Thread(target=end_the_run_during_the_outage, name="end-the-run")
+    helper.start()
+    own_redis.restart(keep_data=True, down_for=4.0)
+    helper.join(timeout=30.0)
+    assert not helper.is_alive(), "the helper did not finish"
+    if errors:
+        raise errors[0]
+    _saw_the_restart(worker)
+    assert worker.is_alive(), "the worker exited:\n" + worker.read_log()[-3000:]
+    wait_answers_ping(worker)
+    _succeeded(ended[0], worker.log_lines(), marketplace)
+    lines = worker.wait_for_log(
+        lambda lines: any(
+            x.headline == f"Run {run_id} is not queued (status: success); not executing it again"
+            for x in lines
+        ),
+        timeout=20.0,
+        what="the unacknowledged message delivered again, as a no-op",
+    )
+    assert any(UNACKED_WARNING.format(run_id=run_id) in x.headline for x in lines), (
+        "the worker did not say that it could not acknowledge the run's message"
+    )
+    wait_acknowledged(own_redis.url, worker.queue)
+    assert fault_store.read(run_id) == ended[0], "the no-op changed the finished row"
+    assert_fault_invariants(
+        fault_store,
+        fault_workers.log_lines(),
+        expected_rows=served_rows(marketplace, code, project_id=PROJECT_ID),
+    )
