@@ -72,6 +72,7 @@ __all__ = [
     "delete_queue",
     "forget_unacked",
     "hold_source",
+    "message_in_redis",
     "queued_messages",
     "release_source",
     "served_rows",
@@ -468,6 +469,18 @@ def queued_messages(broker_url: str, queue: str) -> int:
             # NOT_FOUND: on Redis an empty queue is a list that does not exist.
             return 0
         return int(declared.message_count)
+
+
+def message_in_redis(broker_url: str, queue: str, task_id: str) -> bool:
+    """Whether a message of task ``task_id`` is anywhere kombu's Redis transport keeps one:
+    waiting in ``queue``'s list, or delivered and unacknowledged in the ``unacked`` hash."""
+    client = redis.Redis.from_url(broker_url, socket_connect_timeout=5, socket_timeout=5)
+    try:
+        waiting = [json.loads(raw) for raw in client.lrange(queue, 0, -1)]
+        held = [json.loads(raw)[0] for raw in client.hgetall("unacked").values()]
+    finally:
+        client.close()
+    return any((m.get("headers") or {}).get("id") == task_id for m in waiting + held)
 
 
 def unacked_messages(broker_url: str, queue: str) -> int:

@@ -11,6 +11,10 @@ Redis is back every run that got a 202 ends success by itself, with nothing left
 running. Two service fixes hold it (docs/faults.md, scenario 10): a message the worker had
 reserved when Redis went away comes back after APP_BROKER_VISIBILITY_TIMEOUT_S (5 s here), and
 app/broker_fixes.py keeps kombu's close of the lost connection from taking the worker down.
+What the service cannot close is kombu's own window: its Redis transport pops a message and
+records it as unacknowledged in a second command, so a message popped just as Redis goes away is
+lost. Such a run never reached the worker and its message is nowhere in Redis (both asserted);
+unlock_stale_runs, the runbook's remedy, recovers it (seen once in ten runs under a CPU hog).
 """
 
 from __future__ import annotations
@@ -22,12 +26,15 @@ import statistics
 import threading
 import time
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
 import pytest
 from sqlalchemy import text
 
+from app.maintenance import MESSAGE_PREFIX, unlock_stale_runs
+from harness.faults import message_in_redis
 from harness.runs import RunRow
 from harness.services import LocalRedis, Services, ServicesUnavailable
 from scenarios.faults._stack import api_client, own_stack, read_runs, wait_all_terminal
@@ -145,14 +152,28 @@ def _run_load(stack: FullStack, outage: LocalRedis | None) -> tuple[Load, list[A
     return load, duplicates, down_at
 
 
-def _wait_terminal(stack: FullStack, run_ids: list[int]) -> dict[int, RunRow]:
-    """The runs once all are terminal; fails naming the active ones at the deadline."""
+def _wait_settled(stack: FullStack, run_ids: list[int], broker_url: str) -> dict[int, RunRow]:
+    """The runs once all are terminal, or once the only ones left are queued runs whose
+    messages are nowhere in Redis (neither waiting nor held unacknowledged) and have stayed so
+    for three visibility timeouts: nothing can deliver those any more."""
     deadline = time.monotonic() + TERMINAL_TIMEOUT_S
+    quiet_since: float | None = None
     while True:
         rows = read_runs(stack.store, run_ids)
         assert stack.worker.is_alive(), "the worker exited: " + stack.worker.read_log()[-3000:]
         active = [row for row in rows.values() if row.status not in ("success", "failed")]
         if not active:
+            return rows
+        deliverable = any(
+            row.status != "queued"
+            or message_in_redis(broker_url, stack.worker.queue, row.celery_task_id or "")
+            for row in active
+        )
+        if deliverable:
+            quiet_since = None
+        elif quiet_since is None:
+            quiet_since = time.monotonic()
+        elif time.monotonic() - quiet_since >= 3 * VISIBILITY_TIMEOUT_S:
             return rows
         assert time.monotonic() < deadline, (
             f"{len(active)} runs still active {TERMINAL_TIMEOUT_S:.0f} s after the load: "
@@ -235,9 +256,26 @@ def test_2000_requests_with_redis_down_for_5_s(
     # A run whose message the worker had reserved, not started, when Redis went away cannot be
     # handed back while Redis is down: kombu keeps it among the unacknowledged messages, and
     # the service's visibility timeout (APP_BROKER_VISIBILITY_TIMEOUT_S, short here) delivers
-    # it again. So every run that got a 202 ends success by itself, with no unlock_stale_runs.
-    rows = _wait_terminal(stack, list(load.started))
-    wrong = [r for r in rows.values() if r.status != "success"]
+    # it again. So every run whose message the worker received ends success by itself.
+    rows = _wait_settled(stack, list(load.started), redis.url)
+    log = stack.worker.read_log()
+    lost = [row for row in rows.values() if row.status == "queued"]
+    for row in lost:
+        # What is left is kombu's own window, not the service's: its Redis transport pops a
+        # message (BRPOP) and only then records it as unacknowledged, in a second command; a
+        # server that goes away in between loses the message. Such a run never reached the
+        # worker (Celery logs every message it receives), and its message is nowhere in Redis;
+        # the runbook's remedy recovers it (docs/faults.md, scenario 10).
+        assert f"[{row.celery_task_id}] received" not in log, (
+            f"run {row.id}'s message was received by the worker and still never ran:\n"
+            + "\n".join(line for line in log.splitlines() if str(row.celery_task_id) in line)
+        )
+    if lost:
+        print(f"api load (redis-down-5s): {len(lost)} message(s) lost in kombu's BRPOP window")
+        time.sleep(1.1)  # older than the bound below
+        recovered = unlock_stale_runs(stack.store.engine, older_than=timedelta(seconds=1))
+        assert sorted(r.id for r in recovered) == sorted(r.id for r in lost), recovered
+    wrong = [r for r in rows.values() if r.status != "success" and r not in lost]
     assert not wrong, f"{len(wrong)} runs that got a 202 did not succeed: {wrong[:3]}"
     # Nothing anywhere is left active: the refused starts were recorded failed at once.
     with stack.store.engine.connect() as conn:
@@ -250,4 +288,6 @@ def test_2000_requests_with_redis_down_for_5_s(
             .all()
         )
     assert not active, f"runs left active after the outage: {active}"
-    assert failed and all("enqueue failed" in (m or "") for m in failed), failed[:3]
+    assert failed and all(
+        "enqueue failed" in (m or "") or MESSAGE_PREFIX in (m or "") for m in failed
+    ), failed[:3]
