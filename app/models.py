@@ -23,8 +23,15 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+# The largest values of Postgres's INTEGER and BIGINT columns: the bounds of ids in the API
+# and the UI.
+MAX_INT: Final = 2**31 - 1
+MAX_BIGINT: Final = 2**63 - 1
+
 __all__ = [
     "ACTIVE_STATUSES",
+    "MAX_BIGINT",
+    "MAX_INT",
     "RUN_STATUSES",
     "TERMINAL_STATUSES",
     "Base",

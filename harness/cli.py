@@ -25,21 +25,14 @@ from typing import Any, Final
 
 import pytest
 
-from harness.config import (
-    ALL_LOOP_MODES,
-    ALL_POOLS,
-    BROKERS,
-    RUNNERS,
-    ConfigError,
-    HarnessConfig,
-)
+from harness.cell import BROKERS, MATRIX_MODES, POOLS, RUNNERS, Cell
+from harness.config import ConfigError, HarnessConfig
 from harness.report import (
     EXIT_ERROR,
     EXIT_NOT_PASSED,
     EXIT_OK,
     MatrixCollector,
     MatrixResult,
-    cell_label,
     render_details,
     render_table,
     to_json,
@@ -123,14 +116,12 @@ def _add_common(
     cells.add_argument(
         "--loop-mode",
         metavar="MODES",
-        help="comma-separated or 'all': " + ", ".join(ALL_LOOP_MODES) + " (default: all)",
+        help="comma-separated or 'all': " + ", ".join(MATRIX_MODES) + " (default: all)",
     )
     cells.add_argument(
         "--pool",
         metavar="POOLS",
-        help="comma-separated or 'all': "
-        + ", ".join(ALL_POOLS)
-        + " (default: prefork,solo,threads)",
+        help="comma-separated or 'all': " + ", ".join(POOLS) + " (default: prefork,solo,threads)",
     )
     cells.add_argument(
         "--broker",
@@ -738,7 +729,7 @@ def _non_pass_text(item: Mapping[str, Any]) -> str:
     if item["loop_mode"] is None:
         label = "-"
     else:
-        label = cell_label((item["loop_mode"], item["pool"], item["broker"]))
+        label = Cell(item["loop_mode"], item["pool"], item["broker"]).label
     lines = [f"  run {item['run']}  {label}  {item['test'] or '-'}  {item['outcome'].upper()}"]
     message = [line for line in (item["message"] or "").splitlines() if line.strip()]
     lines.extend(f"      {line}" for line in message[:_FLAKE_MESSAGE_LINES])

@@ -6,38 +6,30 @@ import os
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Final, Literal, cast, get_args
+from typing import Final, cast
+
+from harness.cell import (
+    BROKERS,
+    DEFAULT_BROKERS,
+    DEFAULT_LOOP_MODES,
+    DEFAULT_POOLS,
+    IN_PROCESS,
+    MATRIX_MODES,
+    POOLS,
+    RUNNERS,
+    SERVICE_MODES,
+    Cell,
+    RunnerName,
+    ServiceModeName,
+)
 
 __all__ = [
-    "ALL_LOOP_MODES",
-    "ALL_POOLS",
-    "BROKERS",
-    "DEFAULT_LOOP_MODES",
-    "DEFAULT_POOLS",
-    "RUNNERS",
-    "SERVICE_MODES",
     "ConfigError",
     "HarnessConfig",
-    "RunnerName",
-    "ServiceModeName",
     "check_image",
     "parse_choices",
 ]
 
-Broker = Literal["redis", "amqp"]
-ServiceModeName = Literal["auto", "docker", "local", "external", "compose"]
-# Which run_async_safe the workers use: the service's own (fixed), or the pre-fix plain
-# asyncio.run() that the harness injects to prove it detects the runbook's bug (prefix).
-RunnerName = Literal["fixed", "prefix"]
-
-ALL_LOOP_MODES: Final = ("no_loop", "idle_loop", "running_loop", "running_uvloop", "in_process")
-DEFAULT_LOOP_MODES: Final = ALL_LOOP_MODES
-ALL_POOLS: Final = ("prefork", "solo", "threads", "gevent")
-DEFAULT_POOLS: Final = ("prefork", "solo", "threads")
-BROKERS: Final[tuple[str, ...]] = get_args(Broker)
-DEFAULT_BROKERS: Final = ("redis",)
-SERVICE_MODES: Final[tuple[str, ...]] = get_args(ServiceModeName)
-RUNNERS: Final[tuple[str, ...]] = get_args(RunnerName)
 # The same defaults as harness.services (which this module must not import: it is loaded by
 # every pytest process before anything else); tests/test_config.py keeps them equal.
 DEFAULT_POSTGRES_IMAGE: Final = "postgres:16-alpine"
@@ -179,13 +171,13 @@ class HarnessConfig:
             loop_modes=parse_choices(
                 loop_modes,
                 option=sources.get("loop_mode", "--loop-mode"),
-                allowed=ALL_LOOP_MODES,
+                allowed=MATRIX_MODES,
                 default=DEFAULT_LOOP_MODES,
             ),
             pools=parse_choices(
                 pools,
                 option=sources.get("pool", "--pool"),
-                allowed=ALL_POOLS,
+                allowed=POOLS,
                 default=DEFAULT_POOLS,
             ),
             brokers=parse_choices(
@@ -200,16 +192,16 @@ class HarnessConfig:
             env=environ,
         )
 
-    def cells(self) -> list[tuple[str, str, str]]:
-        """The matrix cells (loop mode, pool, broker) this session runs.
+    def cells(self) -> list[Cell]:
+        """The matrix cells this session runs.
 
         ``in_process`` runs the task's function in the test process (no worker, no broker), so
         it is a single cell with pool and broker ``-``.
         """
-        cells: list[tuple[str, str, str]] = []
+        cells: list[Cell] = []
         for mode in self.loop_modes:
-            if mode == "in_process":
-                cells.append((mode, "-", "-"))
+            if mode == IN_PROCESS:
+                cells.append(Cell(mode))
                 continue
-            cells.extend((mode, pool, broker) for broker in self.brokers for pool in self.pools)
+            cells.extend(Cell(mode, pool, broker) for broker in self.brokers for pool in self.pools)
         return cells

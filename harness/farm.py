@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
-from harness.config import ALL_POOLS, BROKERS, RUNNERS
+from harness.cell import BROKERS, POOLS, RUNNERS
 from harness.logs import LogLine
 from harness.runs import RunNotTerminalError, RunRow, RunStore
 from harness.services import Services, mask_dsn
@@ -253,8 +253,8 @@ class WorkerFarm:
                 logger.warning("farm: starting the %s/%s worker failed: %s", *key, exc)
 
     def _check(self, pool: str, broker: str) -> tuple[str, str]:
-        if pool not in ALL_POOLS:
-            raise ValueError(f"unknown pool {pool!r}; known: {', '.join(ALL_POOLS)}")
+        if pool not in POOLS:
+            raise ValueError(f"unknown pool {pool!r}; known: {', '.join(POOLS)}")
         if broker not in BROKERS:
             raise ValueError(f"unknown broker {broker!r}; known: {', '.join(BROKERS)}")
         return (pool, broker)
@@ -276,7 +276,7 @@ class WorkerFarm:
         broker_url = self.broker_url(broker)
         if self._spawner is None:
             self._spawner = ThreadPoolExecutor(
-                max_workers=len(ALL_POOLS) * len(BROKERS), thread_name_prefix="farm-spawner"
+                max_workers=len(POOLS) * len(BROKERS), thread_name_prefix="farm-spawner"
             )
         return self._spawner.submit(self._start, pool, broker, broker_url)
 

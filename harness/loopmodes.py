@@ -9,11 +9,11 @@ pytest-asyncio; nothing needs to be forced for it, so ``run_in_mode`` does not t
 from __future__ import annotations
 
 import asyncio
-import enum
 import logging
 from collections.abc import Callable, Mapping
 from typing import Any, Final, TypeVar
 
+from harness.cell import IN_PROCESS, LOOP_MODES, MATRIX_MODES, LoopMode
 from harness.logs import (
     IDLE_CHECK_FAILED_TEMPLATE,
     IDLE_CHECK_OK_TEMPLATE,
@@ -39,19 +39,6 @@ T = TypeVar("T")
 
 logger = logging.getLogger("harness.loopmodes")
 
-
-class LoopMode(enum.StrEnum):
-    """A condition of the worker thread when the task body runs (DESIGN.md, "Loop modes")."""
-
-    NO_LOOP = "no_loop"
-    IDLE_LOOP = "idle_loop"
-    RUNNING_LOOP = "running_loop"
-    RUNNING_UVLOOP = "running_uvloop"
-
-
-LOOP_MODES: Final = tuple(mode.value for mode in LoopMode)
-IN_PROCESS: Final = "in_process"
-MATRIX_MODES: Final = (*LOOP_MODES, IN_PROCESS)
 
 # The task message header that picks the mode, and the worker's fallback when it is absent
 # (a run enqueued by the API, which knows nothing of the harness).

@@ -18,27 +18,18 @@ from typing import Final
 
 import pytest
 
-from harness.config import (
-    ALL_LOOP_MODES,
-    ALL_POOLS,
-    BROKERS,
-    RUNNERS,
-    SERVICE_MODES,
-    ConfigError,
-    HarnessConfig,
-)
+from harness.cell import BROKERS, MATRIX_MODES, POOLS, RUNNERS, SERVICE_MODES, worker_group
+from harness.config import ConfigError, HarnessConfig
 
 __all__ = [
     "CELL_FIXTURE",
     "POOL_FIXTURE",
-    "XDIST_GROUP_PREFIX",
     "FailureDetail",
     "NotSelected",
     "add_failure_detail",
     "harness_config_key",
     "phase_failed",
     "phase_reports_key",
-    "worker_group",
 ]
 
 harness_config_key: Final = pytest.StashKey[HarnessConfig]()
@@ -50,7 +41,6 @@ POOL_FIXTURE: Final = "worker_pool"
 # under ``--dist loadgroup`` all of them go to one xdist worker, which then boots that Celery
 # worker alone (see fixtures/worker.py), rather than every xdist worker booting every pool's.
 # The scheduler that makes this hold on pytest 9.2 is harness.xdist_groups'.
-XDIST_GROUP_PREFIX: Final = "harness-worker-"
 # A (section title, text) to show under a failed test; called only when a phase failed.
 FailureDetail = Callable[[], tuple[str, str]]
 _failure_details_key: Final = pytest.StashKey[list[FailureDetail]]()
@@ -72,9 +62,9 @@ _OPTIONS: Final = (
     (
         "loop_mode",
         "--loop-mode",
-        "loop modes to run, comma-separated or 'all': " + ", ".join(ALL_LOOP_MODES),
+        "loop modes to run, comma-separated or 'all': " + ", ".join(MATRIX_MODES),
     ),
-    ("pool", "--pool", "worker pools, comma-separated or 'all': " + ", ".join(ALL_POOLS)),
+    ("pool", "--pool", "worker pools, comma-separated or 'all': " + ", ".join(POOLS)),
     ("broker", "--broker", "brokers, comma-separated or 'all': " + ", ".join(BROKERS)),
     (
         "services",
@@ -113,9 +103,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    for mode in ALL_LOOP_MODES:
+    for mode in MATRIX_MODES:
         config.addinivalue_line("markers", f"{mode}: matrix cell in loop mode {mode}")
-    for pool in ALL_POOLS:
+    for pool in POOLS:
         config.addinivalue_line("markers", f"{pool}: matrix cell on the {pool} worker pool")
     for broker in BROKERS:
         config.addinivalue_line("markers", f"{broker}: matrix cell on the {broker} broker")
@@ -208,11 +198,11 @@ def _restrict_modes(metafunc: pytest.Metafunc, selected: tuple[str, ...]) -> tup
         modes = mark.kwargs.get("modes")
         if modes is None:
             continue
-        unknown = [m for m in modes if m not in ALL_LOOP_MODES]
+        unknown = [m for m in modes if m not in MATRIX_MODES]
         if unknown:
             pytest.fail(
                 f"{metafunc.definition.nodeid}: @pytest.mark.matrix(modes=...) has unknown loop "
-                f"mode(s) {', '.join(map(repr, unknown))}; known: {', '.join(ALL_LOOP_MODES)}",
+                f"mode(s) {', '.join(map(repr, unknown))}; known: {', '.join(MATRIX_MODES)}",
                 pytrace=False,
             )
         allowed = set(modes) if allowed is None else allowed & set(modes)
@@ -224,16 +214,17 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if CELL_FIXTURE in metafunc.fixturenames:
         modes = _restrict_modes(metafunc, harness_config.loop_modes)
         params = []
-        for mode, pool, broker in harness_config.cells():
-            if mode not in modes:
+        for cell in harness_config.cells():
+            if cell.mode not in modes:
                 continue
-            marks = [getattr(pytest.mark, mode), pytest.mark.matrix]
-            if pool != "-":
-                marks += [getattr(pytest.mark, pool), _worker_group(pool, broker)]
-            if broker != "-":
-                marks.append(getattr(pytest.mark, broker))
-            cell_id = mode if pool == "-" else f"{mode}-{pool}-{broker}"
-            params.append(pytest.param((mode, pool, broker), id=cell_id, marks=marks))
+            marks = [getattr(pytest.mark, cell.mode), pytest.mark.matrix]
+            if not cell.in_process:
+                marks += [
+                    getattr(pytest.mark, cell.pool),
+                    getattr(pytest.mark, cell.broker),
+                    _worker_group(cell.pool, cell.broker),
+                ]
+            params.append(pytest.param(cell, id=cell.id, marks=marks))
         _parametrize(metafunc, CELL_FIXTURE, params, "--loop-mode")
     if POOL_FIXTURE in metafunc.fixturenames:
         pairs = [
@@ -250,11 +241,6 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
             for pool in harness_config.pools
         ]
         _parametrize(metafunc, POOL_FIXTURE, pairs, "--pool/--broker")
-
-
-def worker_group(pool: str, broker: str) -> str:
-    """The xdist group of the tests that run on the farm's worker for (pool, broker)."""
-    return f"{XDIST_GROUP_PREFIX}{pool}-{broker}"
 
 
 def _worker_group(pool: str, broker: str) -> pytest.MarkDecorator:

@@ -19,23 +19,19 @@ from typing import Any, Final, Literal, TextIO
 
 import pytest
 
-from harness.config import ALL_LOOP_MODES, ALL_POOLS, BROKERS, HarnessConfig
+from harness.cell import BROKERS, CELL_PROPERTY, MATRIX_MODES, POOLS, Cell
+from harness.config import HarnessConfig
 
 __all__ = [
     "CELERY_WORKER_PROPERTY",
-    "CELL_PROPERTY",
     "EXIT_ERROR",
     "EXIT_NOT_PASSED",
     "EXIT_OK",
     "RUN_DURATION_PROPERTY",
-    "Cell",
     "CellSummary",
     "MatrixCollector",
     "MatrixResult",
     "TestRecord",
-    "cell_from_nodeid",
-    "cell_from_property",
-    "cell_label",
     "failure_message",
     "format_ms",
     "render_details",
@@ -46,14 +42,12 @@ __all__ = [
     "write_json",
 ]
 
-Cell = tuple[str, str, str]
 # interrupted: the test began but never finished (Ctrl-C, SIGTERM, a crashed worker): never
 # a pass, whatever phases had passed before.
 Outcome = Literal["passed", "failed", "skipped", "interrupted"]
 CellStatus = Literal["pass", "fail", "skipped", "interrupted", "not_run"]
 
 #: ``record_property`` names the scenarios use (see the module docstring of ``scenarios/``).
-CELL_PROPERTY: Final = "matrix_cell"
 RUN_DURATION_PROPERTY: Final = "run_duration_ms"
 #: The node name of the Celery worker that served the scenario (fixtures/worker.py records it).
 CELERY_WORKER_PROPERTY: Final = "celery_worker"
@@ -108,22 +102,8 @@ class TestRecord:
         }
 
 
-def cell_label(cell: Cell | None) -> str:
-    """``running_loop/prefork/redis``, ``in_process``, or ``-`` for a test outside the matrix."""
-    if cell is None:
-        return "-"
-    mode, pool, broker = cell
-    return mode if pool == "-" and broker == "-" else f"{mode}/{pool}/{broker}"
-
-
-def cell_from_property(value: object) -> Cell | None:
-    """``"mode|pool|broker"`` (what the scenarios record) into a cell, None if malformed."""
-    if not isinstance(value, str):
-        return None
-    parts = value.split("|")
-    if len(parts) != 3 or not all(parts):
-        return None
-    return (parts[0], parts[1], parts[2])
+def _label(cell: Cell | None) -> str:
+    return "-" if cell is None else cell.label
 
 
 def without_xdist_group(nodeid: str) -> str:
@@ -131,25 +111,6 @@ def without_xdist_group(nodeid: str) -> str:
     at = nodeid.rfind("@")
     # As xdist splits it: an "@" inside the parameter id is not a group.
     return nodeid[:at] if at > nodeid.rfind("]") and at > nodeid.rfind("::") else nodeid
-
-
-def cell_from_nodeid(nodeid: str) -> Cell | None:
-    """The cell in a node id's ``[...]`` parameter id, for tests that record no property.
-
-    The plugin's ids are ``mode-pool-broker`` or ``in_process``; other parametrizations may be
-    joined to them with ``-`` on either side, so this looks for the known names anywhere.
-    """
-    if not nodeid.endswith("]") or "[" not in nodeid:
-        return None
-    tokens = nodeid[nodeid.index("[") + 1 : -1].split("-")
-    for i, token in enumerate(tokens):
-        if token not in ALL_LOOP_MODES:
-            continue
-        if token == "in_process":
-            return (token, "-", "-")
-        if i + 2 < len(tokens) and tokens[i + 1] in ALL_POOLS and tokens[i + 2] in BROKERS:
-            return (token, tokens[i + 1], tokens[i + 2])
-    return None
 
 
 def _skip_reason(report: pytest.TestReport) -> str:
@@ -224,7 +185,7 @@ def _record_from(nodeid: str, pending: _Pending) -> TestRecord:
     celery_worker: str | None = None
     for name, value in pending.properties:
         if name == CELL_PROPERTY:
-            cell = cell_from_property(value) or cell
+            cell = Cell.from_property(value) or cell
         elif name == RUN_DURATION_PROPERTY and isinstance(value, int | float):
             durations.append(round(value))
         elif name == CELERY_WORKER_PROPERTY and isinstance(value, str):
@@ -243,7 +204,7 @@ def _record_from(nodeid: str, pending: _Pending) -> TestRecord:
         outcome, message = "passed", pending.xfail
     return TestRecord(
         nodeid=nodeid,
-        cell=cell or cell_from_nodeid(nodeid),
+        cell=cell or Cell.from_nodeid(nodeid),
         outcome=outcome,
         message=message,
         duration_s=pending.duration_s,
@@ -269,8 +230,8 @@ class MatrixCollector:
         self.collection_errors: list[str] = []
         self.total: int | None = None
         self._pending: dict[str, _Pending] = {}
-        self._mode_width = max(len(m) for m in ALL_LOOP_MODES)
-        self._pool_width = max(len(p) for p in ALL_POOLS) + 1 + max(len(b) for b in BROKERS)
+        self._mode_width = max(len(m) for m in MATRIX_MODES)
+        self._pool_width = max(len(p) for p in POOLS) + 1 + max(len(b) for b in BROKERS)
 
     # Without xdist this runs after -k/-m deselection, so the count is what will run (unlike
     # pytest_collection_modifyitems, whose order relative to the deselecting hook is not ours).
@@ -375,7 +336,7 @@ class CellSummary:
 
     @property
     def cell(self) -> Cell:
-        return (self.loop_mode, self.pool, self.broker)
+        return Cell(self.loop_mode, self.pool, self.broker)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -556,10 +517,10 @@ def render_table(result: MatrixResult) -> str:
     rows: list[list[str]] = []
     for mode in result.loop_modes:
         if mode == "in_process":
-            first = _cell_text(summaries[(mode, "-", "-")])
+            first = _cell_text(summaries[Cell(mode)])
             rows.append([mode, first, *([_NOT_APPLICABLE] * (len(columns) - 1))])
         else:
-            rows.append([mode, *(_cell_text(summaries[(mode, p, b)]) for p, b in columns)])
+            rows.append([mode, *(_cell_text(summaries[Cell(mode, p, b)]) for p, b in columns)])
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
 
     def line(cells: Sequence[str]) -> str:
@@ -597,9 +558,9 @@ def render_details(result: MatrixResult) -> str:
             if rest:
                 out.append(textwrap.indent(rest, "    "))
     cells = result.cells()
-    failed = [(cell_label(s.cell), test, msg) for s in cells for test, msg in s.failures]
+    failed = [(s.cell.label, test, msg) for s in cells for test, msg in s.failures]
     failed.extend(
-        (cell_label(r.cell), r.nodeid, r.message or "failed")
+        (_label(r.cell), r.nodeid, r.message or "failed")
         for r in result.unassigned()
         if r.outcome == "failed"
     )
@@ -611,10 +572,8 @@ def render_details(result: MatrixResult) -> str:
     skipped = [s for s in cells if s.skip_reason]
     if skipped:
         out.append("Skipped:")
-        out.extend(
-            f"  {cell_label(s.cell)}  {s.skipped}/{s.scenarios}: {s.skip_reason}" for s in skipped
-        )
-    not_run = [cell_label(s.cell) for s in cells if s.status == "not_run"]
+        out.extend(f"  {s.cell.label}  {s.skipped}/{s.scenarios}: {s.skip_reason}" for s in skipped)
+    not_run = [s.cell.label for s in cells if s.status == "not_run"]
     if not_run and len(not_run) == len(cells):
         out.append("Not run: no scenario ran in any cell")
     elif not_run:

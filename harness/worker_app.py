@@ -31,6 +31,7 @@ from celery.signals import worker_ready
 from app.celery_app import celery_app
 from app.tasks import ingest as ingest_tasks
 from app.utils import asyncio_runner
+from harness.cell import RUNNERS
 from harness.logs import LOOP_MODE_TEMPLATE
 from harness.loopmodes import DEFAULT_MODE_ENV, loop_mode_for_request, parse_loop_mode, run_in_mode
 
@@ -42,7 +43,6 @@ logger = logging.getLogger("harness.loopmodes")
 
 RUNNER_ENV: Final = "HARNESS_RUNNER"
 POLLING_INTERVAL_ENV: Final = "HARNESS_BROKER_POLLING_INTERVAL_S"
-_RUNNERS: Final = ("fixed", "prefix")
 # Virtual transports poll their queues; kombu's default of 1 s is what a warm shutdown waits for.
 _POLLING_SCHEMES: Final = ("redis", "rediss", "sentinel")
 _WAKE_UP_S: Final = 0.1
@@ -82,8 +82,8 @@ def _tune(env: Mapping[str, str]) -> None:
 
 def _install_runner(env: Mapping[str, str]) -> str:
     runner = env.get(RUNNER_ENV, "").strip() or "fixed"
-    if runner not in _RUNNERS:
-        raise ValueError(f"{RUNNER_ENV}={runner!r} is not one of: {', '.join(_RUNNERS)}")
+    if runner not in RUNNERS:
+        raise ValueError(f"{RUNNER_ENV}={runner!r} is not one of: {', '.join(RUNNERS)}")
     if runner == "prefix":
         # app.tasks.ingest calls asyncio_runner.run_async_safe through the module attribute.
         asyncio_runner.run_async_safe = prefix_run_async_safe

@@ -17,28 +17,12 @@ which carries the pool and broker (``test_success[no_loop-prefork-redis]``,
 
 from __future__ import annotations
 
-from itertools import pairwise
-
 from xdist.scheduler import LoadGroupScheduling
 
-from harness.config import ALL_POOLS, BROKERS
-from harness.plugin import worker_group
+from harness.cell import pair_from_nodeid, worker_group
 from harness.report import without_xdist_group
 
-__all__ = ["HarnessGroupScheduling", "pair_from_nodeid"]
-
-
-def pair_from_nodeid(nodeid: str) -> tuple[str, str] | None:
-    """The (pool, broker) in a node id's parameter id: ``pool-broker`` as adjacent tokens."""
-    open_at = nodeid.find("[")
-    close_at = nodeid.rfind("]")
-    if open_at < 0 or close_at < open_at:
-        return None
-    tokens = nodeid[open_at + 1 : close_at].split("-")
-    for pool, broker in pairwise(tokens):
-        if pool in ALL_POOLS and broker in BROKERS:
-            return (pool, broker)
-    return None
+__all__ = ["HarnessGroupScheduling"]
 
 
 class HarnessGroupScheduling(LoadGroupScheduling):  # type: ignore[misc]  # xdist: no py.typed

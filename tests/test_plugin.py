@@ -11,8 +11,8 @@ import os
 
 import pytest
 
+from harness.cell import pair_from_nodeid
 from harness.config import ConfigError, HarnessConfig
-from harness.xdist_groups import pair_from_nodeid
 
 pytest_plugins = ["pytester"]
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from harness.cell import Cell
 from harness.config import HarnessConfig
 from harness.report import (
     EXIT_ERROR,
@@ -24,8 +25,6 @@ from harness.report import (
     MatrixResult,
     TestRecord,
     _cell_text,
-    cell_from_nodeid,
-    cell_from_property,
     format_ms,
     render_details,
     render_table,
@@ -269,13 +268,13 @@ def test_collection_errors_are_kept() -> None:
     ],
 )
 def test_cell_from_nodeid(nodeid: str, cell: tuple[str, str, str] | None) -> None:
-    assert cell_from_nodeid(nodeid) == cell
+    assert Cell.from_nodeid(nodeid) == cell
 
 
 def test_cell_from_property() -> None:
-    assert cell_from_property("no_loop|solo|redis") == ("no_loop", "solo", "redis")
-    assert cell_from_property("no_loop|solo") is None
-    assert cell_from_property(3) is None
+    assert Cell.from_property("no_loop|solo|redis") == ("no_loop", "solo", "redis")
+    assert Cell.from_property("no_loop|solo") is None
+    assert Cell.from_property(3) is None
 
 
 def rec(

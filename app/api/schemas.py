@@ -20,6 +20,7 @@ from pydantic import (
 )
 
 from app.ingest import job_codes
+from app.models import MAX_BIGINT, MAX_INT
 
 __all__ = [
     "MAX_BIGINT",
@@ -32,10 +33,8 @@ __all__ = [
     "format_utc",
 ]
 
-# Path and query ids are bounded by their column types: a larger number would reach Postgres
-# and fail there ("integer out of range") as a 500 instead of a clear 422.
-MAX_INT: Final = 2**31 - 1
-MAX_BIGINT: Final = 2**63 - 1
+# Path and query ids are bounded by their column types (app.models): a larger number would
+# reach Postgres and fail there ("integer out of range") as a 500 instead of a clear 422.
 
 RunStatus = Literal["queued", "running", "success", "failed"]
 

@@ -17,8 +17,8 @@ from fastapi.responses import HTMLResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 
-from app.api.schemas import MAX_INT
 from app.ingest import job_codes
+from app.models import MAX_INT
 
 __all__ = ["CONTENT_SECURITY_POLICY", "STATIC_DIR", "TEMPLATES_DIR", "mount_ui"]
 

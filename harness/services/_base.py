@@ -17,12 +17,15 @@ import urllib.parse
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
-ServiceMode = Literal["auto", "docker", "local", "external", "compose"]
+from harness.cell import SERVICE_MODES as CELL_SERVICE_MODES
+from harness.cell import ServiceModeName
+
+ServiceMode = ServiceModeName
 Backend = Literal["docker", "local", "external", "compose"]
 
-SERVICE_MODES: tuple[ServiceMode, ...] = ("auto", "docker", "local", "external", "compose")
+SERVICE_MODES: Final = CELL_SERVICE_MODES
 
 
 class ServicesError(Exception):
