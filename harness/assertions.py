@@ -12,6 +12,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from harness.errors import CheckFailed
 from harness.logs import (
     COMPLETED_TEMPLATE,
     FAILED_TEMPLATE,
@@ -51,7 +52,7 @@ _ROW_FIELDS = (
 )
 
 
-class RunAssertionError(AssertionError):
+class RunAssertionError(CheckFailed):
     """A run did not end as expected; the message holds the diff and the run's log lines."""
 
 

@@ -11,6 +11,8 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
+from harness.errors import SetupError
+
 if TYPE_CHECKING:
     from playwright.sync_api import Browser, Playwright
 
@@ -31,7 +33,7 @@ CHROMIUM_ARGS: Final = (
 )
 
 
-class ChromiumNotFoundError(RuntimeError):
+class ChromiumNotFoundError(SetupError):
     """The chromium executable is not installed where we looked."""
 
 

@@ -27,6 +27,7 @@ import pytest
 
 from harness.cell import BROKERS, MATRIX_MODES, POOLS, RUNNERS, Cell
 from harness.config import ConfigError, HarnessConfig
+from harness.errors import UsageError
 from harness.report import (
     EXIT_ERROR,
     EXIT_NOT_PASSED,
@@ -102,7 +103,7 @@ left is "not_run"; narrow cells with --loop-mode/--pool/--broker.
 """
 
 
-class UsageProblem(Exception):
+class UsageProblem(UsageError):
     """A command-line value the harness cannot use; the message names the fix."""
 
 

@@ -22,6 +22,7 @@ from harness.cell import (
     RunnerName,
     ServiceModeName,
 )
+from harness.errors import UsageError
 
 __all__ = [
     "ConfigError",
@@ -36,7 +37,7 @@ DEFAULT_POSTGRES_IMAGE: Final = "postgres:16-alpine"
 DEFAULT_REDIS_IMAGE: Final = "redis:7-alpine"
 
 
-class ConfigError(ValueError):
+class ConfigError(UsageError):
     """A harness option has a value it cannot use; the message names the fix."""
 
 

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from harness.cell import BROKERS, POOLS, RUNNERS
+from harness.errors import SetupError
 from harness.logs import LogLine
 from harness.runs import RunNotTerminalError, RunRow, RunStore
 from harness.services import Services, mask_dsn
@@ -98,7 +99,7 @@ def known_incompatibility(pool: str, loop_mode: str, error_message: str | None) 
     return None
 
 
-class BrokerUnavailable(Exception):
+class BrokerUnavailable(SetupError):
     """The cell's broker cannot be used here; ``reason`` says why and what to set."""
 
     def __init__(self, broker: str, reason: str) -> None:
@@ -107,7 +108,7 @@ class BrokerUnavailable(Exception):
         self.reason = reason
 
 
-class BrokerUnreachable(Exception):
+class BrokerUnreachable(SetupError):
     """The cell's broker has a URL, and nothing answers there; the message names the fix."""
 
 

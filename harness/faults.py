@@ -46,6 +46,7 @@ from sqlalchemy import Table, UniqueConstraint, text
 from app.clock import utcnow
 from app.maintenance import MESSAGE_PREFIX
 from app.models import FrontendPrice, Stock
+from harness.errors import CheckFailed
 from harness.logs import LogLine, tracebacks
 from harness.marketplace import MarketplaceServer
 from harness.runs import RunRow, RunStore
@@ -741,7 +742,7 @@ def _domain_tables() -> dict[str, tuple[str, ...]]:
 DOMAIN_KEYS: Final = _domain_tables()
 
 
-class FaultInvariantError(AssertionError):
+class FaultInvariantError(CheckFailed):
     """What a fault left behind that it must not: the message lists every problem."""
 
 

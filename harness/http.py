@@ -14,13 +14,14 @@ from typing import Any, Final, Self
 import uvicorn
 
 from harness._lifecycle import StartStop
+from harness.errors import SetupError
 
 __all__ = ["ServerStartError", "UvicornServer"]
 
 _POLL_S: Final = 0.01
 
 
-class ServerStartError(RuntimeError):
+class ServerStartError(SetupError):
     """uvicorn did not start serving before the deadline, or its thread died."""
 
 

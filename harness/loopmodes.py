@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, Final, TypeVar
 
 from harness.cell import IN_PROCESS, LOOP_MODES, MATRIX_MODES, LoopMode
+from harness.errors import UsageError
 from harness.logs import (
     IDLE_CHECK_FAILED_TEMPLATE,
     IDLE_CHECK_OK_TEMPLATE,
@@ -46,7 +47,7 @@ LOOP_MODE_HEADER: Final = "harness_loop_mode"
 DEFAULT_MODE_ENV: Final = "HARNESS_DEFAULT_LOOP_MODE"
 
 
-class LoopModeError(ValueError):
+class LoopModeError(UsageError):
     """An unknown mode, or a mode that cannot be forced from where it was asked for."""
 
 

@@ -13,6 +13,7 @@ from typing import Any
 from sqlalchemy import Engine, create_engine, text
 
 from app.models import TERMINAL_STATUSES
+from harness.errors import CheckFailed
 from harness.services._proc import poll_until
 
 __all__ = [
@@ -53,7 +54,7 @@ class RunRow:
         return asdict(self)
 
 
-class RunNotTerminalError(AssertionError):
+class RunNotTerminalError(CheckFailed):
     """A run did not reach ``success`` or ``failed`` in time; carries its last row."""
 
     def __init__(self, message: str, row: RunRow | None) -> None:

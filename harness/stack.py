@@ -33,6 +33,7 @@ from app.db import dispose_engine
 from app.logging_setup import make_formatter
 from app.migrations import upgrade
 from harness._lifecycle import StartStop
+from harness.errors import SetupError
 from harness.farm import CONCURRENCY
 from harness.http import ServerStartError, UvicornServer
 from harness.loopmodes import DEFAULT_MODE_ENV, LoopMode, parse_loop_mode
@@ -75,7 +76,7 @@ API_LOGGERS: Final = ("uvicorn", "uvicorn.access", "app")
 _REPLACED_HANDLERS: Final = ("uvicorn", "uvicorn.access")
 
 
-class PortInUseError(RuntimeError):
+class PortInUseError(SetupError):
     """``host:port`` is already taken; ``what`` says which part of the stack wanted it."""
 
     def __init__(self, what: str, host: str, port: int) -> None:

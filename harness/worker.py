@@ -35,6 +35,7 @@ import psutil
 from celery import Celery
 
 from harness._lifecycle import StartStop
+from harness.errors import SetupError
 from harness.logs import LogLine, read_log_file, trace_lines
 from harness.loopmodes import LOOP_MODE_HEADER, LoopMode, parse_loop_mode
 
@@ -107,7 +108,7 @@ def _safe_file_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
 
 
-class WorkerStartError(RuntimeError):
+class WorkerStartError(SetupError):
     """The worker did not become ready: the message has the command, exit code and log tail."""
 
     def __init__(

@@ -1,6 +1,6 @@
 """What every backend hands back (`Services`), the errors they raise, and DSN helpers.
 
-Errors::
+Errors (a branch of the harness's tree, harness.errors)::
 
     ServicesError                 base: what failed, what was checked, how to fix it
      ├── ServicesUnavailable      no backend can run here (or the chosen one cannot):
@@ -21,6 +21,7 @@ from typing import Any, Final, Literal
 
 from harness.cell import SERVICE_MODES as CELL_SERVICE_MODES
 from harness.cell import ServiceModeName
+from harness.errors import SetupError
 
 ServiceMode = ServiceModeName
 Backend = Literal["docker", "local", "external", "compose"]
@@ -28,7 +29,7 @@ Backend = Literal["docker", "local", "external", "compose"]
 SERVICE_MODES: Final = CELL_SERVICE_MODES
 
 
-class ServicesError(Exception):
+class ServicesError(SetupError):
     """A service could not be provided. The message says what, what was checked, and the fix."""
 
     def __init__(
