@@ -8,7 +8,8 @@ start, ``AssertionError`` for a check that failed, so pytest reports it as a fai
     HarnessError
      ├── UsageError (ValueError)              the input is wrong; nothing was started
      │    ├── ConfigError                     an option, ini value or HARNESS_* variable
-     │    └── LoopModeError                   an unknown loop mode, or one that cannot be forced
+     │    ├── LoopModeError                   an unknown loop mode, or one that cannot be forced
+     │    └── TargetError                     no Target, or one that cannot be loaded
      ├── SetupError (RuntimeError)            something the harness needs could not be had
      │    ├── ServicesError                   Postgres or Redis
      │    │    ├── ServicesUnavailable        no backend can run here: one reason per backend

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import atexit
 import gc
+import os
 import signal
 import threading
 from collections.abc import Callable, Generator
@@ -20,6 +21,7 @@ import pytest
 
 from harness.cell import BROKERS, MATRIX_MODES, POOLS, RUNNERS, SERVICE_MODES, worker_group
 from harness.config import ConfigError, HarnessConfig
+from harness.target import TARGET_ENV, TARGET_INI, TargetError, load_target
 
 __all__ = [
     "CELL_FIXTURE",
@@ -100,6 +102,25 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     for name, flag, help_text in _OPTIONS:
         group.addoption(flag, dest=f"harness_{name}", default=None, help=help_text)
         parser.addini(f"harness_{name}", help_text, default=None)
+    parser.addini(
+        TARGET_INI,
+        "the harness Target of the Celery app under test: package.module:NAME (harness.target)",
+        default=None,
+    )
+
+
+def _set_target(config: pytest.Config) -> None:
+    """Check the Target named by HARNESS_TARGET or the ini, and name it in the environment, so
+    that every process the session starts (xdist and Celery workers) finds the same one."""
+    from_env = os.environ.get(TARGET_ENV, "").strip()
+    spec = from_env or str(config.getini(TARGET_INI) or "").strip()
+    if not spec:
+        return  # a project that does not use the harness's workers
+    try:
+        load_target(spec)
+    except TargetError as exc:
+        raise pytest.UsageError(f"{TARGET_ENV if from_env else TARGET_INI}: {exc}") from None
+    os.environ[TARGET_ENV] = spec
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -130,6 +151,7 @@ def pytest_configure(config: pytest.Config) -> None:
     except ConfigError as exc:
         raise pytest.UsageError(str(exc)) from None
     _check_backend(harness_config)
+    _set_target(config)
     config.stash[harness_config_key] = harness_config
     _interrupt_on_sigterm(config)
 

@@ -38,9 +38,9 @@ from harness._lifecycle import StartStop
 from harness.errors import SetupError
 from harness.logs import LogLine, read_log_file, trace_lines
 from harness.loopmodes import LOOP_MODE_HEADER, LoopMode, parse_loop_mode
+from harness.target import TARGET_ENV, default_target, default_target_spec, load_target
 
 __all__ = [
-    "TASK_NAME",
     "CeleryWorkerProcess",
     "WorkerStartError",
     "app_env",
@@ -49,11 +49,11 @@ __all__ = [
 
 logger = logging.getLogger("harness.worker")
 
-TASK_NAME: Final = "app.tasks.ingest.execute_ingest"
 LOG_TAIL_LINES: Final = 30
 _PR_SET_PDEATHSIG: Final = 1
-# The worker gets only the service settings it is given: ours must not leak into it.
-_DROPPED_ENV_PREFIXES: Final = ("APP_", "HARNESS_", "CELERY_")
+# The worker gets only the app settings it is given: ours must not leak into it (and neither
+# must the Target's own prefix).
+_DROPPED_ENV_PREFIXES: Final = ("HARNESS_", "CELERY_")
 _URL_PASSWORD_RE: Final = re.compile(r"(://[^\s:/@]*):[^\s@]*@")
 _EXIT_POLL_S: Final = 0.005
 # A ready worker answers a ping within a few ms; short pings find it soon after it is up.
@@ -74,19 +74,16 @@ def mask_secrets(text: str) -> str:
 def app_env(
     *, database_url: str, broker_url: str, marketplace_url: str, **overrides: str
 ) -> dict[str, str]:
-    """The service's environment for a test worker: the URLs, plus quick heartbeats and retries.
-
-    ``overrides`` are further ``APP_*`` variables, e.g. ``APP_HTTP_RETRIES="0"``.
+    """The default Target's environment for a test worker (``Target.app_env``): its URLs and
+    quick settings, the marketplace source's URL (``<prefix>MARKETPLACE_URL``), ``overrides``.
     """
-    env = {
-        "APP_DATABASE_URL": database_url,
-        "APP_BROKER_URL": broker_url,
-        "APP_MARKETPLACE_URL": marketplace_url,
-        "APP_HEARTBEAT_INTERVAL_S": "1",
-        "APP_HTTP_RETRY_BACKOFF_S": "0.01",
-    }
-    env.update(overrides)
-    return env
+    target = default_target()
+    return target.app_env(
+        database_url=database_url,
+        broker_url=broker_url,
+        **{f"{target.env_prefix}MARKETPLACE_URL": marketplace_url},
+        **overrides,
+    )
 
 
 def _prctl() -> Callable[..., int] | None:
@@ -149,12 +146,15 @@ class CeleryWorkerProcess(StartStop):
         extra_env: Mapping[str, str] | None = None,
         app: str = "harness.worker_app",
         start_timeout: float = 20.0,
+        target: str | None = None,
     ) -> None:
-        broker_url = env.get("APP_BROKER_URL")
+        self.target_spec = target or default_target_spec()
+        self.target = load_target(self.target_spec)
+        broker_url = env.get(self.target.broker_url_env)
         if not broker_url:
             raise ValueError(
-                "env must contain APP_BROKER_URL: the worker and the harness's pings and task "
-                "messages must use the same broker (see harness.worker.app_env)"
+                f"env must contain {self.target.broker_url_env}: the worker and the harness's "
+                "pings and task messages must use the same broker (see Target.app_env)"
             )
         if concurrency < 1:
             raise ValueError(f"concurrency must be at least 1, got {concurrency}")
@@ -181,7 +181,11 @@ class CeleryWorkerProcess(StartStop):
             "--without-gossip", "--without-mingle", "--without-heartbeat",
             "--loglevel", loglevel, "--logfile", str(self.log_path),
         ]  # fmt: skip
-        self.env = self._environment(env, extra_env)
+        self.env = self._environment(
+            env,
+            {TARGET_ENV: self.target_spec, **(extra_env or {})},
+            drop=(*_DROPPED_ENV_PREFIXES, self.target.env_prefix),
+        )
         self.start_s: float | None = None
         self.stop_s: float | None = None
         self._proc: subprocess.Popen[bytes] | None = None
@@ -194,12 +198,10 @@ class CeleryWorkerProcess(StartStop):
         return f"<CeleryWorkerProcess {self.node_name} pool={self.pool} {state}>"
 
     @staticmethod
-    def _environment(env: Mapping[str, str], extra: Mapping[str, str] | None) -> dict[str, str]:
-        merged = {
-            key: value
-            for key, value in os.environ.items()
-            if not key.startswith(_DROPPED_ENV_PREFIXES)
-        }
+    def _environment(
+        env: Mapping[str, str], extra: Mapping[str, str] | None, *, drop: tuple[str, ...]
+    ) -> dict[str, str]:
+        merged = {key: value for key, value in os.environ.items() if not key.startswith(drop)}
         merged["PYTHONUNBUFFERED"] = "1"
         merged.update(env)
         merged.update(extra or {})
@@ -522,7 +524,7 @@ class CeleryWorkerProcess(StartStop):
             headers[LOOP_MODE_HEADER] = parse_loop_mode(str(loop_mode)).value
         client = self._require_client()
         options.setdefault("queue", self.queue)
-        result = client.send_task(TASK_NAME, args=[run_id], headers=headers, **options)
+        result = client.send_task(self.target.task_name, args=[run_id], headers=headers, **options)
         return str(result.id)
 
     # -- its log -----------------------------------------------------------------------------

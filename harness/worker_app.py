@@ -1,16 +1,17 @@
-"""The Celery app the harness's worker runs: the service's own app, tuned for tests, plus the shim.
+"""The Celery app the harness's worker runs: the Target's own app, tuned for tests, plus the shim.
 
-``celery -A harness.worker_app worker ...`` loads this module instead of ``app.celery_app`` so
-that the service stays unaware of the harness. On import it
+``celery -A harness.worker_app worker ...`` loads this module instead of the app's own, so that
+the app stays unaware of the harness. The app, its task and its runner are the Target's that
+``HARNESS_TARGET`` names (harness.target). On import it
 
 - applies test tuning (a short broker poll, so a warm shutdown takes a fraction of a second);
-- wraps ``execute_ingest``'s body in :func:`harness.loopmodes.run_in_mode`, the loop mode
+- wraps the task's body in :func:`harness.loopmodes.run_in_mode`, the loop mode
   taken per message from the ``harness_loop_mode`` header, else ``HARNESS_DEFAULT_LOOP_MODE``,
   else ``no_loop``; the task's name, options and behaviour are otherwise unchanged;
 - with ``HARNESS_RUNNER=prefix``, puts the pre-fix runner (a plain ``asyncio.run``) in place of
-  ``run_async_safe``, so the harness can prove it detects the old bug.
+  the Target's runner, so the harness can prove it detects the old bug.
 
-Environment (besides the service's ``APP_*``): ``HARNESS_DEFAULT_LOOP_MODE``,
+Environment (besides the app's own): ``HARNESS_TARGET``, ``HARNESS_DEFAULT_LOOP_MODE``,
 ``HARNESS_RUNNER`` (``fixed``, the default, or ``prefix``), ``HARNESS_BROKER_POLLING_INTERVAL_S``
 (0.1 by default).
 """
@@ -21,19 +22,19 @@ import asyncio
 import atexit
 import functools
 import gc
+import importlib
 import logging
 import os
 from collections.abc import Coroutine, Mapping
 from typing import Any, Final, TypeVar
 
+from celery import Celery
 from celery.signals import worker_ready
 
-from app.celery_app import celery_app
-from app.tasks import ingest as ingest_tasks
-from app.utils import asyncio_runner
 from harness.cell import RUNNERS
 from harness.logs import LOOP_MODE_TEMPLATE
 from harness.loopmodes import DEFAULT_MODE_ENV, loop_mode_for_request, parse_loop_mode, run_in_mode
+from harness.target import default_target, resolve
 
 __all__ = ["POLLING_INTERVAL_ENV", "RUNNER_ENV", "app", "celery_app", "prefix_run_async_safe"]
 
@@ -47,19 +48,20 @@ POLLING_INTERVAL_ENV: Final = "HARNESS_BROKER_POLLING_INTERVAL_S"
 _POLLING_SCHEMES: Final = ("redis", "rediss", "sentinel")
 _WAKE_UP_S: Final = 0.1
 
+TARGET = default_target()
+celery_app: Celery = resolve(TARGET.celery_app)
 # What ``celery -A harness.worker_app`` finds.
 app = celery_app
 
 
-def prefix_run_async_safe(
-    coro: Coroutine[Any, Any, T], *, context: Mapping[str, object] | None = None
-) -> T:
+def prefix_run_async_safe(coro: Coroutine[Any, Any, T], *args: Any, **kwargs: Any) -> T:
     """The runner as it was before the fix: ``asyncio.run``, which raises under a running loop.
 
-    No log line, as then. The coroutine is left unawaited when ``asyncio.run`` refuses it,
-    exactly as the old code did (Python then warns "coroutine ... was never awaited").
+    It takes whatever else the Target's runner takes (a context, a label) and ignores it. No
+    log line, as then. The coroutine is left unawaited when ``asyncio.run`` refuses it, exactly
+    as the old code did (Python then warns "coroutine ... was never awaited").
     """
-    del context
+    del args, kwargs
     return asyncio.run(coro)
 
 
@@ -85,14 +87,16 @@ def _install_runner(env: Mapping[str, str]) -> str:
     if runner not in RUNNERS:
         raise ValueError(f"{RUNNER_ENV}={runner!r} is not one of: {', '.join(RUNNERS)}")
     if runner == "prefix":
-        # app.tasks.ingest calls asyncio_runner.run_async_safe through the module attribute.
-        asyncio_runner.run_async_safe = prefix_run_async_safe
+        # The task calls its runner through the module attribute the Target names.
+        module_name, attr = TARGET.runner.split(":")
+        setattr(importlib.import_module(module_name), attr, prefix_run_async_safe)
     return runner
 
 
 def _install_shim(env: Mapping[str, str]) -> None:
-    # The module's name is a lazy proxy; the registry holds the task object itself.
-    task = celery_app.tasks[ingest_tasks.execute_ingest.name]
+    # The app's task modules (its ``include``), then the task object itself from the registry.
+    celery_app.loader.import_default_modules()
+    task = celery_app.tasks[TARGET.task_name]
     original = task.run  # bound to the task: bind=True gives it ``self``
 
     @functools.wraps(original)

@@ -13,6 +13,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CONTRACTS = (
     "The service never imports its test tool",
     "The harness imports no test suite and no example",
+    "The example app knows only the harness, never the ingestion service",
     "No import cycles between the harness's modules",
 )
 

@@ -1,0 +1,1 @@
+"""Example apps tested by the harness unchanged, each through its own Target."""

@@ -1,0 +1,201 @@
+"""A Target: everything the harness assumes about the Celery app it tests, in one frozen object.
+
+A project points the harness at its app with one module that builds a :class:`Target`, named
+by ``harness_target = package.module:NAME`` in its pytest ini (or ``HARNESS_TARGET``). The
+harness then knows, from that object only:
+
+- the Celery app and the task a run is (``celery_app``, ``task_name``), and the runner the task
+  calls its coroutine through, which ``--runner prefix`` swaps for a plain ``asyncio.run``
+  (``runner``: the module attribute the task looks up at call time);
+- the environment the app reads its URLs from (``env_prefix``, ``broker_url_env``,
+  ``database_url_env``) and the quick settings a test worker gets (``worker_env``);
+- how its schema is made (``migrate``: a function of a database URL);
+- its runs' table (:class:`RunTable`): the columns, the status column and its terminal values;
+- its log contract (:class:`LogContract`): the loggers and message templates of the task's
+  and the runner's lines.
+
+Strings name the app's objects (``module:attribute``), so that a Target is cheap to build, can
+cross into a worker process as one environment variable, and imports the app only where it
+runs. The harness's own worker app (``harness.worker_app``) loads the Target named by
+``HARNESS_TARGET``.
+"""
+
+from __future__ import annotations
+
+import configparser
+import importlib
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Final
+
+from sqlalchemy import Engine, text
+
+from harness.errors import UsageError
+
+__all__ = [
+    "TARGET_ENV",
+    "TARGET_INI",
+    "LogContract",
+    "RunTable",
+    "Target",
+    "TargetError",
+    "default_target",
+    "default_target_spec",
+    "load_target",
+    "resolve",
+]
+
+TARGET_ENV: Final = "HARNESS_TARGET"
+TARGET_INI: Final = "harness_target"
+_SPEC_RE: Final = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+
+
+class TargetError(UsageError):
+    """No Target, or one that cannot be loaded: the message names where it was looked for."""
+
+
+def resolve(spec: str) -> Any:
+    """The object ``module:attribute`` names, imported now."""
+    if not _SPEC_RE.match(spec):
+        raise TargetError(f"{spec!r} does not name an object; use package.module:NAME")
+    module_name, attr = spec.split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise TargetError(f"{spec!r}: cannot import {module_name!r}: {exc}") from None
+    try:
+        return getattr(module, attr)
+    except AttributeError:
+        raise TargetError(f"{spec!r}: {module_name} has no attribute {attr!r}") from None
+
+
+@dataclass(frozen=True)
+class RunTable:
+    """The table a run is a row of, as the harness reads it back."""
+
+    table: str
+    columns: tuple[str, ...]
+    id: str = "id"
+    status: str = "status"
+    terminal: tuple[str, ...] = ("success", "failed")
+    success: str = "success"
+
+    def __post_init__(self) -> None:
+        names = (self.table, *self.columns)
+        bad = [n for n in names if not re.fullmatch(r"[a-z_][a-z0-9_]*", n)]
+        if bad:
+            raise TargetError(f"RunTable: {bad} are not plain lower-case SQL names")
+        missing = [c for c in (self.id, self.status) if c not in self.columns]
+        if missing:
+            raise TargetError(f"RunTable {self.table}: columns lack {missing}")
+
+    def read(self, engine: Engine, run_id: int) -> dict[str, Any] | None:
+        """The row of ``run_id`` as stored now, column by column; None if there is none."""
+        sql = text(f"SELECT {', '.join(self.columns)} FROM {self.table} WHERE {self.id} = :run_id")
+        with engine.connect() as conn:
+            row = conn.execute(sql, {"run_id": run_id}).mappings().first()
+        return None if row is None else dict(row)
+
+    def is_terminal(self, row: Mapping[str, Any]) -> bool:
+        return row[self.status] in self.terminal
+
+
+@dataclass(frozen=True)
+class LogContract:
+    """The app's log lines about one run: loggers and message templates (``{run_id}``; the
+    failure's also ``{error}``); ``runner_logger`` writes the runner's line."""
+
+    task_logger: str
+    runner_logger: str
+    starting: str
+    completed: str
+    failed: str
+
+    def run_lines(self, lines: Any, run_id: int) -> list[Any]:
+        """The task logger's lines about ``run_id`` (starting, completed, failed), in order."""
+        heads = (self.starting.format(run_id=run_id), self.completed.format(run_id=run_id))
+        failed = self.failed.format(run_id=run_id, error="")
+        return [
+            line
+            for line in lines
+            if line.logger == self.task_logger
+            and (line.headline in heads or line.headline.startswith(failed))
+        ]
+
+
+@dataclass(frozen=True)
+class Target:
+    """What the harness assumes about one Celery app (see the module's docstring)."""
+
+    name: str
+    celery_app: str
+    task_name: str
+    runner: str
+    env_prefix: str
+    broker_url_env: str
+    database_url_env: str
+    migrate: str
+    runs: RunTable
+    logs: LogContract
+    worker_env: Mapping[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name in ("celery_app", "runner", "migrate"):
+            if not _SPEC_RE.match(getattr(self, name)):
+                raise TargetError(f"Target {self.name}: {name} must be 'package.module:NAME'")
+        for name in ("broker_url_env", "database_url_env"):
+            if not getattr(self, name).startswith(self.env_prefix):
+                raise TargetError(f"Target {self.name}: {name} must start with {self.env_prefix}")
+        object.__setattr__(self, "worker_env", MappingProxyType(dict(self.worker_env)))
+
+    def app_env(self, *, database_url: str, broker_url: str, **overrides: str) -> dict[str, str]:
+        """The app's environment for a test worker: its URLs, its quick settings, overrides."""
+        env = {self.database_url_env: database_url, self.broker_url_env: broker_url}
+        env.update(self.worker_env)
+        env.update(overrides)
+        return env
+
+    def migrate_database(self, database_url: str) -> None:
+        """Bring the app's schema up to date in ``database_url``."""
+        migrate: Callable[[str], None] = resolve(self.migrate)
+        migrate(database_url)
+
+
+def load_target(spec: str) -> Target:
+    """The :class:`Target` that ``spec`` (``package.module:NAME``) names."""
+    target = resolve(spec)
+    if not isinstance(target, Target):
+        raise TargetError(f"{spec!r} is a {type(target).__name__}, not a harness Target")
+    return target
+
+
+def _ini_target(root: Path) -> str | None:
+    ini = root / "pytest.ini"
+    if not ini.is_file():
+        return None
+    parser = configparser.ConfigParser(interpolation=None)
+    parser.read(ini, encoding="utf-8")
+    value = parser.get("pytest", TARGET_INI, fallback="").strip()
+    return value or None
+
+
+def default_target_spec(env: Mapping[str, str] | None = None, root: Path | None = None) -> str:
+    """This project's Target, as named: ``HARNESS_TARGET``, else ``harness_target`` in the
+    pytest.ini of ``root`` (default: the working directory)."""
+    environ = os.environ if env is None else env
+    spec = environ.get(TARGET_ENV, "").strip() or _ini_target(root or Path.cwd())
+    if not spec:
+        raise TargetError(
+            f"no harness Target: set {TARGET_INI} = package.module:NAME in pytest.ini "
+            f"(or {TARGET_ENV}) to the Target of your Celery app (docs/own-app.md)"
+        )
+    return spec
+
+
+def default_target(env: Mapping[str, str] | None = None, root: Path | None = None) -> Target:
+    """The :class:`Target` that :func:`default_target_spec` names."""
+    return load_target(default_target_spec(env, root))

@@ -1,0 +1,85 @@
+"""harness.target: a Target is checked when it is built and when it is named (unit tests)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from harness.target import (
+    LogContract,
+    RunTable,
+    Target,
+    TargetError,
+    default_target_spec,
+    load_target,
+)
+
+
+def _target(**changes: object) -> Target:
+    fields: dict[str, object] = {
+        "name": "t",
+        "celery_app": "pkg.app:celery",
+        "task_name": "pkg.task",
+        "runner": "pkg.bridge:run",
+        "env_prefix": "T_",
+        "broker_url_env": "T_BROKER_URL",
+        "database_url_env": "T_DATABASE_URL",
+        "migrate": "pkg.schema:migrate",
+        "runs": RunTable(table="jobs", columns=("id", "status")),
+        "logs": LogContract("pkg.task", "pkg.bridge", "start {run_id}", "ok {run_id}", "bad"),
+    }
+    fields.update(changes)
+    return Target(**fields)  # type: ignore[arg-type]
+
+
+def test_a_target_gives_a_worker_its_environment() -> None:
+    target = _target(worker_env={"T_QUICK": "1"})
+    env = target.app_env(database_url="postgresql://db", broker_url="redis://b", T_X="2")
+    assert env == {
+        "T_DATABASE_URL": "postgresql://db",
+        "T_BROKER_URL": "redis://b",
+        "T_QUICK": "1",
+        "T_X": "2",
+    }
+    with pytest.raises(TypeError):
+        target.worker_env["T_QUICK"] = "2"  # type: ignore[index]
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"runner": "no colon"}, "runner must be 'package.module:NAME'"),
+        ({"broker_url_env": "BROKER"}, "broker_url_env must start with T_"),
+        ({"runs": None}, None),
+    ],
+)
+def test_a_wrong_target_is_refused_when_built(
+    changes: dict[str, object], message: str | None
+) -> None:
+    if message is None:
+        with pytest.raises(TargetError, match="columns lack"):
+            RunTable(table="jobs", columns=("id",))
+        with pytest.raises(TargetError, match="plain lower-case SQL names"):
+            RunTable(table="jobs; DROP", columns=("id", "status"))
+        return
+    with pytest.raises(TargetError, match=message):
+        _target(**changes)
+
+
+def test_a_target_is_named_by_the_variable_then_the_ini(tmp_path: Path) -> None:
+    (tmp_path / "pytest.ini").write_text("[pytest]\nharness_target = a.b:C\n")
+    assert default_target_spec({}, tmp_path) == "a.b:C"
+    assert default_target_spec({"HARNESS_TARGET": "x.y:Z"}, tmp_path) == "x.y:Z"
+    with pytest.raises(TargetError, match=r"set harness_target = package\.module:NAME"):
+        default_target_spec({}, tmp_path / "elsewhere")
+
+
+def test_loading_names_what_is_wrong() -> None:
+    with pytest.raises(TargetError, match="cannot import 'nowhere'"):
+        load_target("nowhere:TARGET")
+    with pytest.raises(TargetError, match="has no attribute 'NOPE'"):
+        load_target("fixtures.target:NOPE")
+    with pytest.raises(TargetError, match="not a harness Target"):
+        load_target("app.config:Settings")
+    assert load_target("fixtures.target:INGEST").runs.table == "ingest_runs"
