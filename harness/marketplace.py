@@ -226,7 +226,7 @@ def _parse_page(raw: str | None) -> int | None:
 
 
 def _default_data_dir() -> Path:
-    return Path(str(resources.files("fixtures").joinpath("data")))
+    return Path(str(resources.files("harness").joinpath("data")))
 
 
 def _synthesize(domain: str, index: int) -> dict[str, Any]:

@@ -200,7 +200,20 @@ def _interrupt_on_sigterm(config: pytest.Config) -> None:
     config.add_cleanup(restore)
 
 
-def pytest_report_header(config: pytest.Config) -> str:
+def _in_use(config: pytest.Config) -> bool:
+    """Whether this project uses the harness: a Target named, or a harness option or ini set."""
+    if os.environ.get(TARGET_ENV) or config.getini(TARGET_INI):
+        return True
+    return any(
+        config.getoption(f"harness_{name}") is not None or config.getini(f"harness_{name}")
+        for name, _, _ in _OPTIONS
+    )
+
+
+def pytest_report_header(config: pytest.Config) -> str | None:
+    # Installed, the plugin loads in every project; one that does not use it sees nothing.
+    if not _in_use(config):
+        return None
     c = config.stash[harness_config_key]
     return (
         f"ingest-harness: loop modes {','.join(c.loop_modes)}; pools {','.join(c.pools)}; "

@@ -34,7 +34,7 @@ from app.ingest.source import (
 )
 from harness.marketplace import MarketplaceServer
 
-DATA = Path(__file__).resolve().parent.parent / "fixtures" / "data"
+DATA = Path(__file__).resolve().parent.parent / "harness" / "data"
 
 
 @pytest.fixture

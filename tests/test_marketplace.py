@@ -20,7 +20,7 @@ import pytest
 from harness.marketplace import DOMAINS, Knobs, Marketplace, MarketplaceServer, ServedRequest
 from tests._children import sigint_as_in_a_terminal
 
-DATA = Path(__file__).resolve().parent.parent / "fixtures" / "data"
+DATA = Path(__file__).resolve().parent.parent / "harness" / "data"
 
 
 @pytest.fixture

@@ -467,3 +467,22 @@ def test_a_bad_image_names_the_variable_that_set_it(
     result.stderr.fnmatch_lines(
         ["ERROR: HARNESS_POSTGRES_IMAGE: 'Postgres 16' is not a Docker image reference*"]
     )
+
+
+def test_a_project_that_does_not_use_the_harness_sees_no_trace_of_it(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The outer session names its Target in the environment; this project names none.
+    monkeypatch.delenv("HARNESS_TARGET", raising=False)
+    for name in ("LOOP_MODE", "POOL", "BROKER", "SERVICES", "RUNNER"):
+        monkeypatch.delenv(f"HARNESS_{name}", raising=False)
+    pytester.makeini(BASE_INI)
+    pytester.makepyfile(test_plain="def test_plain():\n    assert 1 + 1 == 2\n")
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1)
+    assert "ingest-harness:" not in result.stdout.str()
+    # The same project naming a Target gets the harness's header line.
+    pytester.makeini(BASE_INI + "harness_target = fixtures.target:INGEST\n")
+    named = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    named.assert_outcomes(passed=1)
+    assert "ingest-harness: loop modes" in named.stdout.str()
