@@ -24,7 +24,7 @@ from typing import Any, Final
 
 from celery.signals import task_prerun, worker_ready
 
-from harness.faults import STALLING_LINE
+from harness.logs import STALLING_LINE
 from harness.worker_app import app, celery_app
 
 __all__ = [

@@ -61,7 +61,6 @@ __all__ = [
     "HELD_LATENCY_S",
     "REDELIVERY_TRANSPORT_OPTIONS",
     "STALE_AFTER",
-    "STALLING_LINE",
     "Backend",
     "BackendTerminator",
     "FaultInvariantError",
@@ -111,8 +110,6 @@ REDELIVERY_TRANSPORT_OPTIONS: Final[Mapping[str, Any]] = {
     "unacked_restore_interval": 0.1,
     "unacked_restore_throttle": 1,
 }
-# The warning of a fault worker started with stall_before_task=True, as each task stalls.
-STALLING_LINE: Final = "fault: stalling before the task body of message {task_id}"
 # A held source answers each request after this long, so a run keeps fetching (and stays
 # running) until release_source(); the request in flight finishes at most this long after it.
 HELD_LATENCY_S: Final = 0.25

@@ -32,6 +32,7 @@ __all__ = [
     "RUNNER_LOGGER",
     "RUNNER_RE",
     "RUNNER_TEMPLATE",
+    "STALLING_LINE",
     "STARTING_RE",
     "STARTING_TEMPLATE",
     "STRATEGY_ASYNCIO_RUN",
@@ -100,6 +101,9 @@ IDLE_CHECK_RE: Final = re.compile(
     r"^idle loop check for run (?P<run_id>\S+): "
     r"(?:(?P<ok>still set and open)|replaced or closed \((?P<detail>.*)\))$"
 )
+
+# The warning of a fault worker started with stall_before_task=True, as each task stalls.
+STALLING_LINE: Final = "fault: stalling before the task body of message {task_id}"
 
 _TRACEBACK_HEAD: Final = "Traceback (most recent call last):"
 _CHAIN_LINES: Final = (

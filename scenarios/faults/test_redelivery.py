@@ -23,7 +23,6 @@ from harness.assertions import assert_run_failed, assert_run_succeeded
 from harness.faults import (
     REDELIVERY_TRANSPORT_OPTIONS,
     STALE_AFTER,
-    STALLING_LINE,
     FaultWorkers,
     assert_fault_invariants,
     release_source,
@@ -34,7 +33,7 @@ from harness.faults import (
     wait_dead,
     wait_heartbeat_older_than,
 )
-from harness.logs import COMPLETED_TEMPLATE, STARTING_TEMPLATE, LogLine, task_lines
+from harness.logs import COMPLETED_TEMPLATE, STALLING_LINE, STARTING_TEMPLATE, LogLine, task_lines
 from harness.marketplace import MarketplaceServer
 from harness.runs import RunStore
 from harness.worker import CeleryWorkerProcess
