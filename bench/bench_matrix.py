@@ -49,9 +49,9 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from app.migrations import upgrade
-from harness.marketplace import MarketplaceServer
 from harness.services import ServiceMode, ServiceStack
-from harness.worker import CeleryWorkerProcess, app_env
+from harness.workers.marketplace import MarketplaceServer
+from harness.workers.process import CeleryWorkerProcess, app_env
 
 PHASES = ("services", "migrations", "marketplace", "worker")
 TARGET_COLD_S = {"local": 1.5, "docker": 2.5}

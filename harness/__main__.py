@@ -1,5 +1,5 @@
 """``python -m harness``: the same command as the ``harness`` console script."""
 
-from harness.cli import main
+from harness.matrix.cli import main
 
 raise SystemExit(main())

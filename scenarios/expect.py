@@ -1,4 +1,5 @@
-"""Checks the scenarios share beyond ``harness.assertions``: the domain rows and the shim's lines.
+"""Checks the scenarios share beyond ``harness.checks.assertions``: the domain rows and the shim's
+lines.
 
 Not a test module: the scenarios import it (``scenarios`` is a package).
 """
@@ -13,8 +14,8 @@ from typing import Any, Final
 
 from sqlalchemy import text
 
-from harness.assertions import RunAssertionError, assert_loop_log, run_log_excerpt
-from harness.logs import (
+from harness.checks.assertions import RunAssertionError, assert_loop_log, run_log_excerpt
+from harness.core.logs import (
     COMPLETED_TEMPLATE,
     FAILED_TEMPLATE,
     FORBIDDEN_TEXT,
@@ -27,8 +28,8 @@ from harness.logs import (
     runner_lines,
     task_lines,
 )
-from harness.loopmodes import LOOP_MODE_HEADER, LoopMode
-from harness.runs import RunStore
+from harness.core.runs import RunStore
+from harness.workers.loopmodes import LOOP_MODE_HEADER, LoopMode
 
 __all__ = [
     "DOMAIN",

@@ -12,12 +12,12 @@ from typing import Any, Final
 
 import pytest
 
-from harness.assertions import assert_run_succeeded
-from harness.farm import WorkerRuns, known_incompatibility
-from harness.loopmodes import LOOP_MODES
-from harness.marketplace import MarketplaceServer
-from harness.plugin import harness_config_key
-from harness.worker import CeleryWorkerProcess
+from harness.checks.assertions import assert_run_succeeded
+from harness.pytest.plugin import harness_config_key
+from harness.workers.farm import WorkerRuns, known_incompatibility
+from harness.workers.loopmodes import LOOP_MODES
+from harness.workers.marketplace import MarketplaceServer
+from harness.workers.process import CeleryWorkerProcess
 from scenarios.expect import DOMAIN, assert_run_log, assert_shim_lines
 
 pytestmark = [pytest.mark.integration, pytest.mark.alternating]

@@ -10,9 +10,9 @@ import signal
 
 import pytest
 
-from harness.farm import WorkerFarm, WorkerRuns
-from harness.marketplace import MarketplaceServer
-from harness.runs import RunStore
+from harness.core.runs import RunStore
+from harness.workers.farm import WorkerFarm, WorkerRuns
+from harness.workers.marketplace import MarketplaceServer
 
 pytestmark = pytest.mark.integration
 

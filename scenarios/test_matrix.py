@@ -14,11 +14,11 @@ import pytest
 
 from app.tasks.ingest import run_ingest
 from fixtures.worker import InProcessRuns
-from harness.assertions import assert_celery_agrees, assert_run_failed, assert_run_succeeded
-from harness.farm import CompletedRun, WorkerRuns, known_incompatibility
-from harness.loopmodes import IN_PROCESS, LOOP_MODES
-from harness.marketplace import MarketplaceServer
-from harness.runs import RunRow
+from harness.checks.assertions import assert_celery_agrees, assert_run_failed, assert_run_succeeded
+from harness.core.runs import RunRow
+from harness.workers.farm import CompletedRun, WorkerRuns, known_incompatibility
+from harness.workers.loopmodes import IN_PROCESS, LOOP_MODES
+from harness.workers.marketplace import MarketplaceServer
 from scenarios.expect import DOMAIN, assert_prices_stored, assert_run_log, assert_shim_lines
 
 pytestmark = pytest.mark.integration
@@ -116,7 +116,7 @@ def test_failing_run(
 
     _check_failure(done.row, done.lines, mode, harness_runner, worker_runs)
     assert_celery_agrees(done.lines, done.task_id, done.row)
-    # Every attempt reached the marketplace: 1 + APP_HTTP_RETRIES=2 (harness.farm).
+    # Every attempt reached the marketplace: 1 + APP_HTTP_RETRIES=2 (harness.workers.farm).
     assert marketplace.requests(marketplace_code).statuses() == [503, 503, 503]
     # The harness's own lines: the mode was forced as asked, an idle loop survived the run.
     assert_shim_lines(done.lines, done.run_id, mode)

@@ -26,12 +26,12 @@ import pytest
 
 from app.tasks.ingest import run_ingest
 from fixtures.worker import InProcessRuns, prefix_run_async_safe
-from harness.config import HarnessConfig
-from harness.logs import FAILED_TEMPLATE, FORBIDDEN_TEXT
-from harness.loopmodes import LOOP_MODES
-from harness.marketplace import MarketplaceServer
-from harness.plugin import harness_config_key
+from harness.core.config import HarnessConfig
+from harness.core.logs import FAILED_TEMPLATE, FORBIDDEN_TEXT
+from harness.pytest.plugin import harness_config_key
 from harness.services import Services
+from harness.workers.loopmodes import LOOP_MODES
+from harness.workers.marketplace import MarketplaceServer
 from scenarios.expect import DOMAIN
 
 pytestmark = pytest.mark.integration

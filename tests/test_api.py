@@ -22,7 +22,7 @@ from app.config import Settings
 from app.ingest import job_codes
 from app.models import IngestRun
 from fixtures.api import ApiTokens, RecordingEnqueue
-from harness.http import UvicornServer
+from harness.workers.http import UvicornServer
 
 RUNS = "/api/v1/projects/{project}/ingest/runs"
 RUNBOOK_KEYS = [

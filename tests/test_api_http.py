@@ -1,4 +1,4 @@
-"""``harness.http.UvicornServer``: the live server the API and UI tests run against."""
+"""``harness.workers.http.UvicornServer``: the live server the API and UI tests run against."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
-from harness.http import ServerStartError, UvicornServer
+from harness.workers.http import ServerStartError, UvicornServer
 
 
 def tiny_app() -> FastAPI:

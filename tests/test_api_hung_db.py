@@ -42,7 +42,7 @@ def own_postgres() -> Iterator[LocalPostgres]:
 def hung_api(own_postgres: LocalPostgres, redis_url: str) -> Iterator[dict[str, Any]]:
     from app.api import create_app
     from app.migrations import upgrade
-    from harness.http import UvicornServer
+    from harness.workers.http import UvicornServer
 
     url = create_database(own_postgres.admin_url, "ingest")
     upgrade(url)

@@ -29,7 +29,7 @@ from sqlalchemy import create_engine, insert
 
 from app.models import IngestRun
 from fixtures.api import ApiTokens
-from harness.http import UvicornServer
+from harness.workers.http import UvicornServer
 
 MAX_EXAMPLES: Final = 50
 

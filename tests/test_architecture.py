@@ -14,6 +14,7 @@ CONTRACTS = (
     "The service never imports its test tool",
     "The harness imports no test suite and no example",
     "The example app knows only the harness, never the ingestion service",
+    "The harness's layers import downwards only",
     "No import cycles between the harness's modules",
 )
 

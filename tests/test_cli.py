@@ -16,8 +16,8 @@ from typing import Any, ClassVar
 
 import pytest
 
-from harness import cli
-from harness.report import MatrixCollector
+from harness.matrix import cli
+from harness.matrix.report import MatrixCollector
 from harness.services import DockerImages, ProbeResult, Services, ServicesUnavailable
 
 CONFTEST = """\

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import yaml
 
-from harness.config import DEFAULT_POSTGRES_IMAGE, DEFAULT_REDIS_IMAGE, check_image
+from harness.core.config import DEFAULT_POSTGRES_IMAGE, DEFAULT_REDIS_IMAGE, check_image
 from harness.services import _compose, _docker
 
 ROOT = Path(__file__).resolve().parent.parent

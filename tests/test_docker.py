@@ -17,7 +17,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from harness.plugin import harness_config_key
+from harness.pytest.plugin import harness_config_key
 from harness.services import DockerImages, ServiceStack, ServiceStartError, probe_docker
 from harness.services._compose import ComposeError, compose_down, compose_up
 from harness.services._docker import (

@@ -22,9 +22,9 @@ from app.api.store import mark_enqueue_failed
 from app.config import Settings
 from app.db import get_engine
 from app.tasks.ingest import execute_ingest, run_ingest
-from harness.marketplace import MarketplaceServer
-from harness.runs import RunRow, RunStore
+from harness.core.runs import RunRow, RunStore
 from harness.services._base import libpq_dsn
+from harness.workers.marketplace import MarketplaceServer
 
 RUNNER_FALSE = (
     "run_async_safe: detected_running_loop=False, using asyncio.run() "

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from harness.farm import BrokerUnavailable, BrokerUnreachable, WorkerFarm
 from harness.services import Services
+from harness.workers.farm import BrokerUnavailable, BrokerUnreachable, WorkerFarm
 
 FAKE = Services(
     backend="external",

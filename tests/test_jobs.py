@@ -32,7 +32,7 @@ from app.ingest.source import (
     SourceProtocolError,
     SourceUnavailableError,
 )
-from harness.marketplace import MarketplaceServer
+from harness.workers.marketplace import MarketplaceServer
 
 DATA = Path(__file__).resolve().parent.parent / "harness" / "data"
 

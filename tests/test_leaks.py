@@ -7,8 +7,8 @@ process of the child and the services' temp dirs (``ingest-harness-<pid>-*`` on 
 the session one way or another, and checks the process table and the directory:
 
 - SIGINT to the session's process group (Ctrl-C in a terminal) and SIGTERM to its main process
-  (``kill``, a CI timeout; ``harness.plugin`` turns it into an interrupt), each with and without
-  xdist: the session tears down, so every process is gone and every temp dir removed when it
+  (``kill``, a CI timeout; ``harness.pytest.plugin`` turns it into an interrupt), each with and
+  without xdist: the session tears down, so every process is gone and every temp dir removed when it
   exits;
 - SIGKILL of one xdist worker, and SIGKILL of the whole session: nothing can clean up, so the
   kernel's parent-death signal must take the servers and workers down (prefork's children too);
@@ -60,6 +60,7 @@ _CHILD_INI: Final = """\
 [pytest]
 addopts = -p no:cacheprovider
 asyncio_default_fixture_loop_scope = function
+harness_target = fixtures.target:INGEST
 """
 _CHILD_CONFTEST: Final = """\
 pytest_plugins = [

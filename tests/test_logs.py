@@ -1,4 +1,5 @@
-"""harness.logs on lines as the worker writes them (the runbook's example and a real worker log)."""
+"""harness.core.logs on lines as the worker writes them (the runbook's example and a real worker
+log)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.logs import (
+from harness.core.logs import (
     COMPLETED_TEMPLATE,
     FAILED_TEMPLATE,
     FORBIDDEN_TEXT,

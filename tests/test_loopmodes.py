@@ -1,4 +1,4 @@
-"""harness.loopmodes in-process: each mode's condition as the task body sees it."""
+"""harness.workers.loopmodes in-process: each mode's condition as the task body sees it."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import uvloop
 from celery.app.task import Context
 
 from app.utils.asyncio_runner import run_async_safe
-from harness.logs import IDLE_CHECK_RE, RUNNER_RE, STRATEGY_ASYNCIO_RUN, STRATEGY_THREAD_POOL
-from harness.loopmodes import (
+from harness.core.logs import IDLE_CHECK_RE, RUNNER_RE, STRATEGY_ASYNCIO_RUN, STRATEGY_THREAD_POOL
+from harness.workers.loopmodes import (
     DEFAULT_MODE_ENV,
     IN_PROCESS,
     LOOP_MODE_HEADER,

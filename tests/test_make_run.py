@@ -27,11 +27,11 @@ import psutil
 import psycopg2
 import pytest
 
-from harness.plugin import harness_config_key
+from harness.pytest.plugin import harness_config_key
 from harness.services import Services
 from harness.services._base import libpq_dsn
-from harness.stack import FullStack, PortInUseError, runbook_curl_lines
-from harness.worker import WorkerStartError
+from harness.workers.process import WorkerStartError
+from harness.workers.stack import FullStack, PortInUseError, runbook_curl_lines
 from scenarios.runbook.runbook import (
     STEP5_CURL_LIST,
     STEP5_CURL_RUN,

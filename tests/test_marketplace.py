@@ -17,7 +17,13 @@ from typing import Any
 import httpx
 import pytest
 
-from harness.marketplace import DOMAINS, Knobs, Marketplace, MarketplaceServer, ServedRequest
+from harness.workers.marketplace import (
+    DOMAINS,
+    Knobs,
+    Marketplace,
+    MarketplaceServer,
+    ServedRequest,
+)
 from tests._children import sigint_as_in_a_terminal
 
 DATA = Path(__file__).resolve().parent.parent / "harness" / "data"
@@ -325,7 +331,9 @@ def test_control_api_refuses_bad_bodies(http: httpx.Client, marketplace_code: st
 def test_request_log_counts_and_measures_concurrency(
     marketplace: MarketplaceServer, marketplace_code: str
 ) -> None:
-    marketplace.configure(marketplace_code, latency_s=0.2)
+    # Long enough that the three requests overlap even when a busy machine starts their
+    # threads far apart (0.2 s did not, once, under the stress hog).
+    marketplace.configure(marketplace_code, latency_s=1.5)
     barrier = threading.Barrier(3)
 
     def call(page: int) -> None:
@@ -382,7 +390,7 @@ def test_custom_data_dir(tmp_path: Path) -> None:
 
 def test_runs_standalone_until_interrupted() -> None:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "harness.marketplace", "--port", "0", "--page-size", "100"],
+        [sys.executable, "-m", "harness.workers.marketplace", "--port", "0", "--page-size", "100"],
         stdout=subprocess.PIPE,
         text=True,
         preexec_fn=sigint_as_in_a_terminal,

@@ -1,5 +1,5 @@
-"""The pytest plugin (``harness.plugin``) end to end, with pytester: options and their ini pairs,
-bad values as usage errors that name the fix, the matrix parametrization and its markers, and
+"""The pytest plugin (``harness.pytest.plugin``) end to end, with pytester: options and their ini
+pairs, bad values as usage errors that name the fix, the matrix parametrization and its markers, and
 failure evidence attached to failed tests only.
 
 No servers: the scenarios' fixtures are replaced by one-line stand-ins in each test's conftest.
@@ -11,8 +11,8 @@ import os
 
 import pytest
 
-from harness.cell import pair_from_nodeid
-from harness.config import ConfigError, HarnessConfig
+from harness.core.cell import pair_from_nodeid
+from harness.core.config import ConfigError, HarnessConfig
 
 pytest_plugins = ["pytester"]
 
@@ -330,7 +330,7 @@ def test_pair_from_nodeid(nodeid: str, pair: tuple[str, str] | None) -> None:
 EVIDENCE_CONFTEST = (
     STAND_INS
     + """
-from harness.plugin import add_failure_detail, phase_failed
+from harness.pytest.plugin import add_failure_detail, phase_failed
 
 CALLS = []
 
@@ -378,7 +378,7 @@ def test_a_broken_detail_never_hides_the_failure(pytester: pytest.Pytester) -> N
     pytester.makeconftest(
         """
         import pytest
-        from harness.plugin import add_failure_detail
+        from harness.pytest.plugin import add_failure_detail
 
         @pytest.fixture
         def broken(request):
@@ -411,7 +411,7 @@ def test_evidence_goes_with_the_first_failed_phase_only(pytester: pytest.Pyteste
     pytester.makeconftest(
         """
         import pytest
-        from harness.plugin import add_failure_detail
+        from harness.pytest.plugin import add_failure_detail
 
         @pytest.fixture
         def breaks_in_teardown(request):

@@ -15,9 +15,9 @@ from typing import Any
 
 import pytest
 
-from harness.cell import Cell
-from harness.config import HarnessConfig
-from harness.report import (
+from harness.core.cell import Cell
+from harness.core.config import HarnessConfig
+from harness.matrix.report import (
     EXIT_ERROR,
     EXIT_NOT_PASSED,
     EXIT_OK,

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.target import (
+from harness.core.target import (
     LogContract,
     RunTable,
     Target,

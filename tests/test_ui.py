@@ -17,8 +17,8 @@ from sqlalchemy import Engine, create_engine, select, update
 from app.ingest import job_codes
 from app.models import IngestRun
 from fixtures.api import ApiTokens, RecordingEnqueue
-from harness.browser import ChromiumNotFoundError, launch_chromium
-from harness.http import UvicornServer
+from harness.workers.browser import ChromiumNotFoundError, launch_chromium
+from harness.workers.http import UvicornServer
 
 PAGE = "/projects/1/ingestion"
 EXTERNAL_URL = re.compile(r"""(https?:)?//[^/\s"'<>]""", re.IGNORECASE)

@@ -17,7 +17,7 @@ import psutil
 import pytest
 import redis
 
-from harness.logs import (
+from harness.core.logs import (
     COMPLETED_TEMPLATE,
     FAILED_TEMPLATE,
     FORBIDDEN_TEXT,
@@ -31,10 +31,10 @@ from harness.logs import (
     runner_lines,
     task_lines,
 )
-from harness.loopmodes import LOOP_MODES, LoopModeError, expected_runner_line
-from harness.marketplace import MarketplaceServer
-from harness.runs import RunRow, RunStore
-from harness.worker import CeleryWorkerProcess, WorkerStartError, app_env, mask_secrets
+from harness.core.runs import RunRow, RunStore
+from harness.workers.loopmodes import LOOP_MODES, LoopModeError, expected_runner_line
+from harness.workers.marketplace import MarketplaceServer
+from harness.workers.process import CeleryWorkerProcess, WorkerStartError, app_env, mask_secrets
 
 integration = pytest.mark.integration
 

@@ -1,6 +1,6 @@
 """What every backend hands back (`Services`), the errors they raise, and DSN helpers.
 
-Errors (a branch of the harness's tree, harness.errors)::
+Errors (a branch of the harness's tree, harness.core.errors)::
 
     ServicesError                 base: what failed, what was checked, how to fix it
      ├── ServicesUnavailable      no backend can run here (or the chosen one cannot):
@@ -19,9 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Literal
 
-from harness.cell import SERVICE_MODES as CELL_SERVICE_MODES
-from harness.cell import ServiceModeName
-from harness.errors import SetupError
+from harness.core.cell import SERVICE_MODES as CELL_SERVICE_MODES
+from harness.core.cell import ServiceModeName
+from harness.core.errors import SetupError
 
 ServiceMode = ServiceModeName
 Backend = Literal["docker", "local", "external", "compose"]

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
+from harness.core.poll import poll_until
 from harness.services._base import ProbeResult, ServicesError, ServiceStartError
 from harness.services._docker import (
     container_log_tail,
@@ -27,7 +28,6 @@ from harness.services._docker import (
     probe_docker,
 )
 from harness.services._external import DATABASE_VAR, REDIS_VAR, start_external
-from harness.services._proc import poll_until
 
 COMPOSE_FILE: Final = "docker-compose.test.yml"
 COMPOSE_FILE_VAR: Final = "HARNESS_COMPOSE_FILE"

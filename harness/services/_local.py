@@ -29,7 +29,8 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from harness._lifecycle import StartStop
+from harness.core._lifecycle import StartStop
+from harness.core.poll import poll_until
 from harness.services import _proc
 from harness.services._base import (
     ProbeResult,
@@ -536,7 +537,7 @@ class LocalPostgres(_LocalServer):
                 raise _PortTaken  # another postgres answered on "our" port
             return version
 
-        version = _proc.poll_until(check, timeout=self._startup_timeout)
+        version = poll_until(check, timeout=self._startup_timeout)
         if version is None:
             raise ServiceStartError(
                 f"postgres did not accept connections on 127.0.0.1:{port} "
@@ -769,7 +770,7 @@ class LocalRedis(_LocalServer):
                 raise _PortTaken  # another redis answered on "our" port
             return str(info.get("redis_version", "unknown"))
 
-        version = _proc.poll_until(check, timeout=self._startup_timeout)
+        version = poll_until(check, timeout=self._startup_timeout)
         if version is None:
             raise ServiceStartError(
                 f"redis-server did not answer PING on 127.0.0.1:{port} "

@@ -24,12 +24,13 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
+
+from harness.core.poll import poll_until
 
 log = logging.getLogger("harness.services")
 
@@ -242,23 +243,6 @@ def tcp_answers(host: str, port: int, timeout: float) -> bool:
             return True
     except OSError:
         return False
-
-
-def poll_until(
-    check: Callable[[], T | None], *, timeout: float, interval: float = 0.01
-) -> T | None:
-    """Call `check` every `interval` s until it returns non-None, or None after `timeout`.
-
-    `check` raises to abort early (e.g. the server process exited).
-    """
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result is not None:
-            return result
-        if time.monotonic() >= deadline:
-            return None
-        time.sleep(interval)
 
 
 def read_tail(path: Path, lines: int = 25) -> list[str]:

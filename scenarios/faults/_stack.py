@@ -2,8 +2,8 @@
 
 The concurrent-start and load scenarios run a ``FullStack`` (API on uvicorn, a real worker, the
 marketplace) on the session's Postgres and Redis, with a database of its own: every run in it is
-theirs, so ``harness.faults.assert_fault_invariants`` can be asserted over whole tables. Not a
-test module.
+theirs, so ``harness.checks.faults.assert_fault_invariants`` can be asserted over whole tables. Not
+a test module.
 """
 
 from __future__ import annotations
@@ -20,13 +20,14 @@ from typing import TYPE_CHECKING, Any, Final
 import httpx
 from sqlalchemy import text
 
-from harness.faults import RowsKey, assert_fault_invariants
-from harness.runs import RunRow, RunStore
+from harness.checks.faults import RowsKey, assert_fault_invariants
+from harness.core.logs import COMPLETED_TEMPLATE, FAILED_TEMPLATE
+from harness.core.runs import RunRow, RunStore
 from harness.services import Services
-from harness.worker import CeleryWorkerProcess, mask_secrets
+from harness.workers.process import CeleryWorkerProcess, mask_secrets
 
 if TYPE_CHECKING:
-    from harness.stack import FullStack
+    from harness.workers.stack import FullStack
 
 __all__ = [
     "api_client",
@@ -72,7 +73,7 @@ def own_stack(
     so every run of the stack executes under it.
     """
     # Lazy: FastAPI, Alembic and the rest of the stack would add to every pytest process's start.
-    from harness.stack import FullStack
+    from harness.workers.stack import FullStack
 
     database = f"faults_{name}_{secrets.token_hex(4)}"
     with FullStack(
@@ -119,13 +120,24 @@ def wait_all_terminal(
 ) -> dict[int, RunRow]:
     """Poll until every run is ``success`` or ``failed``; their rows, by id.
 
-    Fails at the deadline, or at once when ``worker`` has exited, listing the runs still
-    active and the worker log's tail.
+    With ``worker``, also until its log holds each run's last line ("completed" or "failed"):
+    a run's row is committed before that line is written, so under load the log can be a
+    moment behind the rows. Fails at the deadline, or at once when ``worker`` has exited,
+    listing the runs still active and the worker log's tail.
     """
     deadline = time.monotonic() + timeout
     while True:
         rows = read_runs(store, run_ids)
         pending = [i for i in run_ids if i not in rows or not rows[i].terminal]
+        if not pending and worker is not None:
+            ends = {
+                i: COMPLETED_TEMPLATE.format(run_id=i)
+                if rows[i].status == "success"
+                else FAILED_TEMPLATE.format(run_id=i, error=rows[i].error_message)
+                for i in run_ids
+            }
+            logged = {x.headline for x in worker.log_lines()}
+            pending = [i for i in run_ids if ends[i] not in logged]
         if not pending:
             return rows
         dead = worker is not None and not worker.is_alive()
@@ -145,8 +157,8 @@ def wait_all_terminal(
                     f"    {mask_secrets(line)}" for line in lines
                 )
             raise AssertionError(
-                f"{len(pending)} of {len(run_ids)} runs are not terminal ({reason}); "
-                f"first ones: {states}{tail}"
+                f"{len(pending)} of {len(run_ids)} runs are not terminal, or their last line is "
+                f"not in the worker log ({reason}); first ones: {states}{tail}"
             )
         time.sleep(_POLL_S)
 

@@ -3,8 +3,8 @@
 The fault scenarios kill workers, stop them, restart Redis and terminate every connection of
 their database, so nothing of theirs is shared with the other scenarios: the database is their
 own (one per session and xdist worker, emptied before each test), and so are the workers
-(``harness.faults.FaultWorkers``, never the farm's). The session's Postgres cluster, Redis and
-marketplace are reused: starting them is the expensive part, and nothing here harms them.
+(``harness.checks.faults.FaultWorkers``, never the farm's). The session's Postgres cluster, Redis
+and marketplace are reused: starting them is the expensive part, and nothing here harms them.
 """
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ from pathlib import Path
 import pytest
 from sqlalchemy import Engine, create_engine, text
 
-from harness.faults import FaultWorkers
-from harness.marketplace import MarketplaceServer
-from harness.plugin import add_failure_detail
-from harness.runs import RunStore
+from harness.checks.faults import FaultWorkers
+from harness.core.runs import RunStore
+from harness.pytest.plugin import add_failure_detail
 from harness.services import Services, create_database, drop_database
+from harness.workers.marketplace import MarketplaceServer
 
 _TABLES = "ingest_runs, frontend_prices, stocks"
 

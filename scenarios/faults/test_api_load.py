@@ -34,13 +34,13 @@ import pytest
 from sqlalchemy import text
 
 from app.maintenance import MESSAGE_PREFIX, unlock_stale_runs
-from harness.faults import message_in_redis
-from harness.runs import RunRow
+from harness.checks.faults import message_in_redis
+from harness.core.runs import RunRow
 from harness.services import LocalRedis, Services, ServicesUnavailable
 from scenarios.faults._stack import api_client, own_stack, read_runs, wait_all_terminal
 
 if TYPE_CHECKING:
-    from harness.stack import FullStack
+    from harness.workers.stack import FullStack
 
 pytestmark = pytest.mark.integration
 

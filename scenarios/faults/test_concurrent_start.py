@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Final
 import httpx
 import pytest
 
-from harness.assertions import assert_loop_log, assert_run_succeeded
+from harness.checks.assertions import assert_loop_log, assert_run_succeeded
 from harness.services import Services
 from scenarios.faults._stack import (
     api_client,
@@ -29,7 +29,7 @@ from scenarios.faults._stack import (
 )
 
 if TYPE_CHECKING:
-    from harness.stack import FullStack
+    from harness.workers.stack import FullStack
 
 pytestmark = pytest.mark.integration
 

@@ -18,17 +18,17 @@ from typing import Final
 
 import pytest
 
-from harness.assertions import assert_run_failed, assert_run_succeeded
-from harness.faults import (
+from harness.checks.assertions import assert_run_failed, assert_run_succeeded
+from harness.checks.faults import (
     FaultWorkers,
     hold_source,
     start_held_run,
     wait_answers_ping,
     wait_dead,
 )
-from harness.marketplace import MarketplaceServer
-from harness.runs import RunStore
-from harness.worker import CeleryWorkerProcess
+from harness.core.runs import RunStore
+from harness.workers.marketplace import MarketplaceServer
+from harness.workers.process import CeleryWorkerProcess
 
 pytestmark = pytest.mark.integration
 

@@ -1,7 +1,7 @@
 """The fault invariant itself: it must catch each thing a fault must not leave behind.
 
-``harness.faults.assert_fault_invariants`` is what every fault scenario ends with; a checker that
-passes everything would make every scenario green. Here each kind of damage is made by hand in
+``harness.checks.faults.assert_fault_invariants`` is what every fault scenario ends with; a checker
+that passes everything would make every scenario green. Here each kind of damage is made by hand in
 the fault database, and the checker must name it.
 """
 
@@ -13,9 +13,9 @@ import pytest
 from sqlalchemy import Engine, text
 
 from app.maintenance import MESSAGE_PREFIX
-from harness.faults import FaultInvariantError, assert_fault_invariants
-from harness.logs import parse_log
-from harness.runs import RunStore
+from harness.checks.faults import FaultInvariantError, assert_fault_invariants
+from harness.core.logs import parse_log
+from harness.core.runs import RunStore
 
 pytestmark = pytest.mark.integration
 

@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING, Any, Final
 
 import pytest
 
-from harness.assertions import assert_loop_log, assert_run_succeeded
-from harness.runs import RunRow
+from harness.checks.assertions import assert_loop_log, assert_run_succeeded
+from harness.core.runs import RunRow
 from harness.services import Services
 from scenarios.faults._stack import (
     api_client,
@@ -31,7 +31,7 @@ from scenarios.faults._stack import (
 )
 
 if TYPE_CHECKING:
-    from harness.stack import FullStack
+    from harness.workers.stack import FullStack
 
 pytestmark = pytest.mark.integration
 
@@ -115,7 +115,7 @@ def test_fifty_runs_in_running_loop_mode_all_correct(
     elapsed = time.monotonic() - started
     record_property("load_seconds", round(elapsed, 2))
 
-    lines = stack.worker.log_lines()
+    lines = stack.worker.log_lines()  # wait_all_terminal waited for each run's last line
     for run_id, (project, code, job) in sorted(runs.items()):
         row = rows[run_id]
         served = stack.marketplace.expected(code, job)

@@ -17,8 +17,8 @@ import uuid
 
 import pytest
 
-from harness.assertions import assert_run_failed, assert_run_succeeded
-from harness.faults import (
+from harness.checks.assertions import assert_run_failed, assert_run_succeeded
+from harness.checks.faults import (
     BackendTerminator,
     FaultWorkers,
     assert_fault_invariants,
@@ -29,9 +29,9 @@ from harness.faults import (
     wait_answers_ping,
     wait_for,
 )
-from harness.logs import COMPLETED_RE, FAILED_RE, LogLine, task_lines
-from harness.marketplace import MarketplaceServer
-from harness.runs import RunStore
+from harness.core.logs import COMPLETED_RE, FAILED_RE, LogLine, task_lines
+from harness.core.runs import RunStore
+from harness.workers.marketplace import MarketplaceServer
 
 pytestmark = pytest.mark.integration
 

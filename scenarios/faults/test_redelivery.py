@@ -5,7 +5,7 @@ With ``task_acks_late`` a message is acknowledged only when the task returns, so
 dies mid-run (or after the run but before the ack) leaves it unacknowledged, and the broker hands
 it to the next worker. On Redis that happens once it is older than the transport's
 ``visibility_timeout``: one hour by default, so the second worker here runs with
-``harness.faults.REDELIVERY_TRANSPORT_OPTIONS`` (one second, looked for every 0.1 s); kombu's
+``harness.checks.faults.REDELIVERY_TRANSPORT_OPTIONS`` (one second, looked for every 0.1 s); kombu's
 ``restore_visible`` in that worker puts the message back on the queue, as it would in
 production an hour later. The task must then log it as a no-op:
 ``Run N is not queued (status: ...); not executing it again``.
@@ -19,8 +19,8 @@ import uuid
 import pytest
 
 from app.maintenance import MESSAGE_PREFIX, unlock_stale_runs
-from harness.assertions import assert_run_failed, assert_run_succeeded
-from harness.faults import (
+from harness.checks.assertions import assert_run_failed, assert_run_succeeded
+from harness.checks.faults import (
     REDELIVERY_TRANSPORT_OPTIONS,
     STALE_AFTER,
     FaultWorkers,
@@ -33,10 +33,16 @@ from harness.faults import (
     wait_dead,
     wait_heartbeat_older_than,
 )
-from harness.logs import COMPLETED_TEMPLATE, STALLING_LINE, STARTING_TEMPLATE, LogLine, task_lines
-from harness.marketplace import MarketplaceServer
-from harness.runs import RunStore
-from harness.worker import CeleryWorkerProcess
+from harness.core.logs import (
+    COMPLETED_TEMPLATE,
+    STALLING_LINE,
+    STARTING_TEMPLATE,
+    LogLine,
+    task_lines,
+)
+from harness.core.runs import RunStore
+from harness.workers.marketplace import MarketplaceServer
+from harness.workers.process import CeleryWorkerProcess
 
 pytestmark = pytest.mark.integration
 

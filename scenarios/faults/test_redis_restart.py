@@ -19,8 +19,8 @@ import pytest
 import redis
 
 from app.maintenance import MESSAGE_PREFIX, unlock_stale_runs
-from harness.assertions import assert_run_succeeded
-from harness.faults import (
+from harness.checks.assertions import assert_run_succeeded
+from harness.checks.faults import (
     STALE_AFTER,
     FaultWorkers,
     assert_fault_invariants,
@@ -32,11 +32,11 @@ from harness.faults import (
     wait_answers_ping,
     wait_for,
 )
-from harness.logs import LogLine
-from harness.marketplace import MarketplaceServer
-from harness.runs import RunRow, RunStore
+from harness.core.logs import LogLine
+from harness.core.runs import RunRow, RunStore
 from harness.services import LocalRedis, ServicesUnavailable
-from harness.worker import CeleryWorkerProcess
+from harness.workers.marketplace import MarketplaceServer
+from harness.workers.process import CeleryWorkerProcess
 
 pytestmark = pytest.mark.integration
 
@@ -265,7 +265,7 @@ def test_a_run_that_ends_while_redis_is_down_leaves_the_worker_up(
             x.headline == f"Run {run_id} is not queued (status: success); not executing it again"
             for x in lines
         ),
-        timeout=20.0,
+        timeout=30.0,
         what="the unacknowledged message delivered again, as a no-op",
     )
     assert any(UNACKED_WARNING.format(run_id=run_id) in x.headline for x in lines), (

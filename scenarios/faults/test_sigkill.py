@@ -18,8 +18,8 @@ import pytest
 
 from app.clock import utcnow
 from app.maintenance import MESSAGE_PREFIX, format_duration
-from harness.assertions import assert_run_failed, assert_run_succeeded
-from harness.faults import (
+from harness.checks.assertions import assert_run_failed, assert_run_succeeded
+from harness.checks.faults import (
     STALE_AFTER,
     FaultWorkers,
     assert_fault_invariants,
@@ -31,8 +31,8 @@ from harness.faults import (
     wait_heartbeat_older_than,
     wait_mid_run,
 )
-from harness.marketplace import MarketplaceServer
-from harness.runs import RunStore
+from harness.core.runs import RunStore
+from harness.workers.marketplace import MarketplaceServer
 from scripts.unlock_stale_runs import main as unlock_script
 
 pytestmark = pytest.mark.integration

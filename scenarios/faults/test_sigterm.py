@@ -14,8 +14,8 @@ import uuid
 
 import pytest
 
-from harness.assertions import assert_run_succeeded
-from harness.faults import (
+from harness.checks.assertions import assert_run_succeeded
+from harness.checks.faults import (
     FaultWorkers,
     assert_fault_invariants,
     hold_source,
@@ -25,9 +25,9 @@ from harness.faults import (
     wait_exited,
     wait_mid_run,
 )
-from harness.logs import STARTING_TEMPLATE, LogLine, task_lines
-from harness.marketplace import MarketplaceServer
-from harness.runs import RunRow, RunStore
+from harness.core.logs import STARTING_TEMPLATE, LogLine, task_lines
+from harness.core.runs import RunRow, RunStore
+from harness.workers.marketplace import MarketplaceServer
 
 pytestmark = pytest.mark.integration
 

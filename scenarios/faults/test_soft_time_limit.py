@@ -17,19 +17,19 @@ from typing import Final
 import pytest
 from sqlalchemy import Engine
 
-from harness.assertions import assert_run_failed, assert_run_succeeded
-from harness.faults import (
+from harness.checks.assertions import assert_run_failed, assert_run_succeeded
+from harness.checks.faults import (
     FaultWorkers,
     assert_fault_invariants,
     served_rows,
     start_held_run,
     wait_answers_ping,
 )
-from harness.marketplace import MarketplaceServer
-from harness.plugin import add_failure_detail
-from harness.runs import RunStore
+from harness.core.runs import RunStore
+from harness.pytest.plugin import add_failure_detail
 from harness.services import Services
-from harness.worker import CeleryWorkerProcess
+from harness.workers.marketplace import MarketplaceServer
+from harness.workers.process import CeleryWorkerProcess
 
 pytestmark = pytest.mark.integration
 

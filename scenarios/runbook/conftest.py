@@ -15,13 +15,13 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from harness.plugin import harness_config_key
+from harness.pytest.plugin import harness_config_key
 from harness.services import Services
 
 if TYPE_CHECKING:
     from playwright.sync_api import Browser, Page, ViewportSize
 
-    from harness.stack import FullStack
+    from harness.workers.stack import FullStack
 
 MODE_PARAM = "runbook_mode"
 # Big enough for the table with two runs and their stats in one screenshot.
@@ -48,7 +48,7 @@ def runbook_stack(
 ) -> Iterator[FullStack]:
     """The whole stack, its worker in ``runbook_mode``, on the session's servers."""
     # Lazy: FastAPI, Alembic and the rest of the stack would add to every pytest process's start.
-    from harness.stack import FullStack
+    from harness.workers.stack import FullStack
 
     database = f"runbook_{runbook_mode}_{secrets.token_hex(4)}"
     with FullStack(
@@ -65,7 +65,7 @@ def browser() -> Iterator[Browser]:
     # Lazy: Playwright would add to every pytest process's (and xdist worker's) start.
     from playwright.sync_api import sync_playwright
 
-    from harness.browser import launch_chromium
+    from harness.workers.browser import launch_chromium
 
     # No skip when chromium is missing: launch_chromium fails, saying how to install it.
     with sync_playwright() as playwright:

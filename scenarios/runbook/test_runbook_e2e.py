@@ -21,10 +21,10 @@ import httpx
 import pytest
 from sqlalchemy import text
 
-from harness.assertions import assert_loop_log, assert_run_failed, assert_run_succeeded
-from harness.logs import LOOP_MODE_TEMPLATE, LogLine, harness_lines
-from harness.loopmodes import DEFAULT_MODE_ENV
-from harness.runs import RunRow
+from harness.checks.assertions import assert_loop_log, assert_run_failed, assert_run_succeeded
+from harness.core.logs import LOOP_MODE_TEMPLATE, LogLine, harness_lines
+from harness.core.runs import RunRow
+from harness.workers.loopmodes import DEFAULT_MODE_ENV
 from scenarios.runbook.runbook import (
     STEP4_COLUMNS,
     STEP4_SQL,
@@ -42,7 +42,7 @@ if TYPE_CHECKING:
     # Where it is defined: playwright.sync_api has it but leaves it out of its __all__.
     from playwright.sync_api._generated import LocatorAssertions
 
-    from harness.stack import FullStack
+    from harness.workers.stack import FullStack
 
 pytestmark = pytest.mark.integration
 

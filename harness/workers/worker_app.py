@@ -1,11 +1,11 @@
 """The Celery app the harness's worker runs: the Target's own app, tuned for tests, plus the shim.
 
-``celery -A harness.worker_app worker ...`` loads this module instead of the app's own, so that
-the app stays unaware of the harness. The app, its task and its runner are the Target's that
-``HARNESS_TARGET`` names (harness.target). On import it
+``celery -A harness.workers.worker_app worker ...`` loads this module instead of the app's own, so
+that the app stays unaware of the harness. The app, its task and its runner are the Target's that
+``HARNESS_TARGET`` names (harness.core.target). On import it
 
 - applies test tuning (a short broker poll, so a warm shutdown takes a fraction of a second);
-- wraps the task's body in :func:`harness.loopmodes.run_in_mode`, the loop mode
+- wraps the task's body in :func:`harness.workers.loopmodes.run_in_mode`, the loop mode
   taken per message from the ``harness_loop_mode`` header, else ``HARNESS_DEFAULT_LOOP_MODE``,
   else ``no_loop``; the task's name, options and behaviour are otherwise unchanged;
 - with ``HARNESS_RUNNER=prefix``, puts the pre-fix runner (a plain ``asyncio.run``) in place of
@@ -31,10 +31,15 @@ from typing import Any, Final, TypeVar
 from celery import Celery
 from celery.signals import worker_ready
 
-from harness.cell import RUNNERS
-from harness.logs import LOOP_MODE_TEMPLATE
-from harness.loopmodes import DEFAULT_MODE_ENV, loop_mode_for_request, parse_loop_mode, run_in_mode
-from harness.target import default_target, resolve
+from harness.core.cell import RUNNERS
+from harness.core.logs import LOOP_MODE_TEMPLATE
+from harness.core.target import default_target, resolve
+from harness.workers.loopmodes import (
+    DEFAULT_MODE_ENV,
+    loop_mode_for_request,
+    parse_loop_mode,
+    run_in_mode,
+)
 
 __all__ = ["POLLING_INTERVAL_ENV", "RUNNER_ENV", "app", "celery_app", "prefix_run_async_safe"]
 
@@ -50,7 +55,7 @@ _WAKE_UP_S: Final = 0.1
 
 TARGET = default_target()
 celery_app: Celery = resolve(TARGET.celery_app)
-# What ``celery -A harness.worker_app`` finds.
+# What ``celery -A harness.workers.worker_app`` finds.
 app = celery_app
 
 

@@ -29,12 +29,13 @@ from pydantic import ValidationError
 
 from app.config import describe_settings_error, get_settings
 from app.utils.cli import OneLineParser
-from harness.cell import POOLS
-from harness.http import ServerStartError
-from harness.loopmodes import LOOP_MODES
+from harness.core.cell import POOLS
 from harness.services import ServiceMode, ServicesError, mask_dsn
 from harness.services._proc import tcp_answers
-from harness.stack import (
+from harness.workers.http import ServerStartError
+from harness.workers.loopmodes import LOOP_MODES
+from harness.workers.process import WorkerStartError
+from harness.workers.stack import (
     API_PART,
     MARKETPLACE_PART,
     FullStack,
@@ -42,7 +43,6 @@ from harness.stack import (
     check_port_free,
     runbook_curl_lines,
 )
-from harness.worker import WorkerStartError
 
 __all__ = ["main"]
 

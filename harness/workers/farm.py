@@ -1,8 +1,8 @@
 """The session's Celery workers: one per (pool, broker), started on first use, stopped together.
 
 Plain classes (no pytest): ``WorkerFarm.worker("prefork", "redis")`` returns a ready
-:class:`~harness.worker.CeleryWorkerProcess` that serves every loop mode (the mode travels in
-each task message), so the whole matrix costs one worker start per pool and broker, not one per
+:class:`~harness.workers.process.CeleryWorkerProcess` that serves every loop mode (the mode travels
+in each task message), so the whole matrix costs one worker start per pool and broker, not one per
 cell. A worker that died since its last use is replaced, and the death is recorded.
 :class:`WorkerRuns` is one scenario's view of a worker: it creates runs, sends them in a loop
 mode, waits until each is terminal and its log lines are written, and reads only the log that
@@ -29,12 +29,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
-from harness.cell import BROKERS, POOLS, RUNNERS
-from harness.errors import SetupError
-from harness.logs import LogLine
-from harness.runs import RunNotTerminalError, RunRow, RunStore
+from harness.core.cell import BROKERS, POOLS, RUNNERS
+from harness.core.errors import SetupError
+from harness.core.logs import LogLine
+from harness.core.runs import RunNotTerminalError, RunRow, RunStore
 from harness.services import Services, mask_dsn
-from harness.worker import CeleryWorkerProcess, app_env, mask_secrets
+from harness.workers.process import CeleryWorkerProcess, app_env, mask_secrets
 
 __all__ = [
     "CONCURRENCY",

@@ -19,8 +19,8 @@ from typing import Any, Final, Literal, TextIO
 
 import pytest
 
-from harness.cell import BROKERS, CELL_PROPERTY, MATRIX_MODES, POOLS, Cell
-from harness.config import HarnessConfig
+from harness.core.cell import BROKERS, CELL_PROPERTY, MATRIX_MODES, POOLS, Cell
+from harness.core.config import HarnessConfig
 
 __all__ = [
     "CELERY_WORKER_PROPERTY",
@@ -416,7 +416,7 @@ class MatrixResult:
     errors: list[str] = field(default_factory=list)
     """Problems outside any test: collection errors, pytest usage errors, no tests collected."""
     pytest_exit_code: int | None = None
-    # The backend that served the session and the images that ran (harness.cli.served_by);
+    # The backend that served the session and the images that ran (harness.matrix.cli.served_by);
     # None when the services were not started by the report's writer (--no-services).
     served_by: Mapping[str, Any] | None = None
 

@@ -16,7 +16,7 @@ harness then knows, from that object only:
 
 Strings name the app's objects (``module:attribute``), so that a Target is cheap to build, can
 cross into a worker process as one environment variable, and imports the app only where it
-runs. The harness's own worker app (``harness.worker_app``) loads the Target named by
+runs. The harness's own worker app (``harness.workers.worker_app``) loads the Target named by
 ``HARNESS_TARGET``.
 """
 
@@ -34,7 +34,7 @@ from typing import Any, Final
 
 from sqlalchemy import Engine, text
 
-from harness.errors import UsageError
+from harness.core.errors import UsageError
 
 __all__ = [
     "TARGET_ENV",

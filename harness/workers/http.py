@@ -13,8 +13,8 @@ from typing import Any, Final, Self
 
 import uvicorn
 
-from harness._lifecycle import StartStop
-from harness.errors import SetupError
+from harness.core._lifecycle import StartStop
+from harness.core.errors import SetupError
 
 __all__ = ["ServerStartError", "UvicornServer"]
 

@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Final, cast
 
-from harness.cell import (
+from harness.core.cell import (
     BROKERS,
     DEFAULT_BROKERS,
     DEFAULT_LOOP_MODES,
@@ -22,7 +22,7 @@ from harness.cell import (
     RunnerName,
     ServiceModeName,
 )
-from harness.errors import UsageError
+from harness.core.errors import UsageError
 
 __all__ = [
     "ConfigError",

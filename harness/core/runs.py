@@ -13,8 +13,8 @@ from typing import Any
 from sqlalchemy import Engine, create_engine, text
 
 from app.models import TERMINAL_STATUSES
-from harness.errors import CheckFailed
-from harness.services._proc import poll_until
+from harness.core.errors import CheckFailed
+from harness.core.poll import poll_until
 
 __all__ = [
     "RunNotTerminalError",

@@ -1,7 +1,7 @@
 """A real HTTP marketplace source on loopback, serving fixture data with fault knobs per code.
 
 The ingestion jobs fetch from it in the tests and the scenarios (a Celery worker in another
-process calls it over HTTP), and ``python -m harness.marketplace --port 8081`` runs it for a
+process calls it over HTTP), and ``python -m harness.workers.marketplace --port 8081`` runs it for a
 person. Knobs are set per marketplace code, so scenarios using distinct codes never disturb each
 other, and also as server-wide defaults; another process sets them over ``/_control``.
 
@@ -41,7 +41,7 @@ from types import FrameType
 from typing import Any, Final, NamedTuple, Self, cast
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from harness._lifecycle import StartStop
+from harness.core._lifecycle import StartStop
 
 __all__ = [
     "DOMAINS",
@@ -339,7 +339,7 @@ class Marketplace:
 
     def served_stats(self, code: str, domain: str) -> dict[str, Any]:
         """What a successful run of ``code``/``domain`` must report in its stats_json, as
-        keyword arguments of ``harness.assertions.assert_run_succeeded``: the domain, the
+        keyword arguments of ``harness.checks.assertions.assert_run_succeeded``: the domain, the
         marketplace code, the items fetched (:meth:`expected`) and the pages."""
         return {
             "domain": domain,
@@ -673,9 +673,10 @@ class MarketplaceServer(StartStop):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m harness.marketplace``: serve until Ctrl-C (or SIGTERM)."""
+    """``python -m harness.workers.marketplace``: serve until Ctrl-C (or SIGTERM)."""
     parser = argparse.ArgumentParser(
-        prog="python -m harness.marketplace", description=__doc__.splitlines()[0] if __doc__ else ""
+        prog="python -m harness.workers.marketplace",
+        description=__doc__.splitlines()[0] if __doc__ else "",
     )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8081, help="0 picks a free port")

@@ -25,10 +25,10 @@ from typing import Any, Final
 
 import pytest
 
-from harness.cell import BROKERS, MATRIX_MODES, POOLS, RUNNERS, Cell
-from harness.config import ConfigError, HarnessConfig
-from harness.errors import UsageError
-from harness.report import (
+from harness.core.cell import BROKERS, MATRIX_MODES, POOLS, RUNNERS, Cell
+from harness.core.config import ConfigError, HarnessConfig
+from harness.core.errors import UsageError
+from harness.matrix.report import (
     EXIT_ERROR,
     EXIT_NOT_PASSED,
     EXIT_OK,
@@ -504,7 +504,7 @@ def pytest_arguments(opts: Options, *, services_started: bool) -> list[str]:
         f"--runner={config.runner}",
     ]
     if opts.numprocesses != "0":
-        # Each (pool, broker)'s scenarios to one xdist worker (harness.plugin's xdist_group
+        # Each (pool, broker)'s scenarios to one xdist worker (harness.pytest.plugin's xdist_group
         # marks): each Celery worker is booted once in all, not once per xdist worker.
         args += ["-n", opts.numprocesses, "--dist", "loadgroup"]
     if opts.keyword:

@@ -32,13 +32,9 @@ from app.config import Settings
 from app.db import dispose_engine
 from app.logging_setup import make_formatter
 from app.migrations import upgrade
-from harness._lifecycle import StartStop
-from harness.errors import SetupError
-from harness.farm import CONCURRENCY
-from harness.http import ServerStartError, UvicornServer
-from harness.loopmodes import DEFAULT_MODE_ENV, LoopMode, parse_loop_mode
-from harness.marketplace import MarketplaceServer
-from harness.runs import RunStore
+from harness.core._lifecycle import StartStop
+from harness.core.errors import SetupError
+from harness.core.runs import RunStore
 from harness.services import (
     ServiceMode,
     Services,
@@ -47,7 +43,11 @@ from harness.services import (
     drop_database,
     mask_dsn,
 )
-from harness.worker import CeleryWorkerProcess, app_env
+from harness.workers.farm import CONCURRENCY
+from harness.workers.http import ServerStartError, UvicornServer
+from harness.workers.loopmodes import DEFAULT_MODE_ENV, LoopMode, parse_loop_mode
+from harness.workers.marketplace import MarketplaceServer
+from harness.workers.process import CeleryWorkerProcess, app_env
 
 __all__ = [
     "API_LOGGERS",
@@ -383,7 +383,7 @@ class FullStack(StartStop):
             log_dir=self._log_dir,
             pool=self.pool,
             concurrency=self.concurrency,
-            # HARNESS_* is not inherited by the worker (harness.worker): set it explicitly.
+            # HARNESS_* is not inherited by the worker (harness.workers.process): set it explicitly.
             extra_env={DEFAULT_MODE_ENV: self.loop_mode.value},
             start_timeout=self._worker_start_timeout,
         )

@@ -26,7 +26,7 @@ start, ``AssertionError`` for a check that failed, so pytest reports it as a fai
           ├── RunNotTerminalError             a run that did not end in time
           └── FaultInvariantError             an invariant after a fault scenario
 
-``harness.cli`` turns a UsageError into one line and exit code 2; everything else is a failed
+``harness.matrix.cli`` turns a UsageError into one line and exit code 2; everything else is a failed
 cell or test with its evidence attached.
 """
 

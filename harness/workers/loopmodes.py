@@ -1,6 +1,6 @@
 """The event-loop conditions the task body is run under, and the function that forces one.
 
-``run_in_mode`` is what the worker-side shim (``harness.worker_app``) wraps around the task
+``run_in_mode`` is what the worker-side shim (``harness.workers.worker_app``) wraps around the task
 body; it is a plain function, so each condition can also be checked in-process. ``in_process``
 is the matrix's fifth cell: an ``async def`` test calling the task's function directly under
 pytest-asyncio; nothing needs to be forced for it, so ``run_in_mode`` does not take it.
@@ -13,9 +13,9 @@ import logging
 from collections.abc import Callable, Mapping
 from typing import Any, Final, TypeVar
 
-from harness.cell import IN_PROCESS, LOOP_MODES, MATRIX_MODES, LoopMode
-from harness.errors import UsageError
-from harness.logs import (
+from harness.core.cell import IN_PROCESS, LOOP_MODES, MATRIX_MODES, LoopMode
+from harness.core.errors import UsageError
+from harness.core.logs import (
     IDLE_CHECK_FAILED_TEMPLATE,
     IDLE_CHECK_OK_TEMPLATE,
     STRATEGY_ASYNCIO_RUN,
@@ -129,8 +129,8 @@ def run_in_mode(mode: str, fn: Callable[..., T], *args: Any, run_id: object = No
     - ``no_loop``: no loop set (``set_event_loop(None)``) and none running.
     - ``idle_loop``: a fresh loop set for the thread but not running, as after a library's
       ``get_event_loop()``. Afterwards the loop must still be set and open (the fixed runner
-      must not clobber it); the check is logged on ``harness.loopmodes`` (INFO when it holds,
-      ERROR when not) and does not change ``fn``'s outcome.
+      must not clobber it); the check is logged on ``harness.workers.loopmodes`` (INFO when it
+      holds, ERROR when not) and does not change ``fn``'s outcome.
     - ``running_loop`` / ``running_uvloop``: ``fn`` is called (synchronously) from a coroutine
       running on a fresh asyncio / uvloop loop in this thread.
 

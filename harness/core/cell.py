@@ -52,7 +52,8 @@ RunnerName = Literal["fixed", "prefix"]
 
 
 class LoopMode(enum.StrEnum):
-    """A condition of the worker thread when the task body runs (harness.loopmodes forces it)."""
+    """A condition of the worker thread when the task body runs (harness.workers.loopmodes forces
+    it)."""
 
     NO_LOOP = "no_loop"
     IDLE_LOOP = "idle_loop"

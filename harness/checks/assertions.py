@@ -12,8 +12,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from harness.errors import CheckFailed
-from harness.logs import (
+from harness.core.errors import CheckFailed
+from harness.core.logs import (
     COMPLETED_TEMPLATE,
     FAILED_TEMPLATE,
     FORBIDDEN_TEXT,
@@ -25,8 +25,8 @@ from harness.logs import (
     task_lines,
     trace_lines,
 )
-from harness.loopmodes import expected_runner_line
-from harness.runs import RunRow
+from harness.core.runs import RunRow
+from harness.workers.loopmodes import expected_runner_line
 
 __all__ = [
     "RunAssertionError",

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 from xdist.scheduler import LoadGroupScheduling
 
-from harness.cell import pair_from_nodeid, worker_group
-from harness.report import without_xdist_group
+from harness.core.cell import pair_from_nodeid, worker_group
+from harness.matrix.report import without_xdist_group
 
 __all__ = ["HarnessGroupScheduling"]
 

@@ -1,15 +1,16 @@
-"""The Celery app of the fault scenarios' workers: ``harness.worker_app`` plus broker options.
+"""The Celery app of the fault scenarios' workers: ``harness.workers.worker_app`` plus broker
+options.
 
-``celery -A harness.fault_worker_app worker ...`` is the harness's usual worker app (the same
-tuning, loop-mode shim and runner choice) with extra kombu transport options taken from
+``celery -A harness.workers.fault_worker_app worker ...`` is the harness's usual worker app (the
+same tuning, loop-mode shim and runner choice) with extra kombu transport options taken from
 ``HARNESS_BROKER_TRANSPORT_OPTIONS`` (a JSON object). The redelivery scenarios need them: kombu's
 Redis transport hands an unacknowledged message of a dead worker to another consumer only once
 it is older than ``visibility_timeout`` (one hour by default), and looks for such messages every
 ``unacked_restore_interval`` x ``unacked_restore_throttle`` seconds (100 s by default).
 
-A module of its own, not an option of ``harness.worker_app``: the farm's workers must never get
-a short visibility timeout (their own long runs would be handed out twice), so the scenarios that
-need one say so by naming this app.
+A module of its own, not an option of ``harness.workers.worker_app``: the farm's workers must never
+get a short visibility timeout (their own long runs would be handed out twice), so the scenarios
+that need one say so by naming this app.
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ from typing import Any, Final
 
 from celery.signals import task_prerun, worker_ready
 
-from harness.logs import STALLING_LINE
-from harness.worker_app import app, celery_app
+from harness.core.logs import STALLING_LINE
+from harness.workers.worker_app import app, celery_app
 
 __all__ = [
     "TRANSPORT_OPTIONS_ENV",
@@ -66,7 +67,7 @@ def _apply(env: Mapping[str, str]) -> None:
     raw = env.get(TRANSPORT_OPTIONS_ENV, "").strip()
     if not raw:
         return
-    # Merged over what harness.worker_app set (the short polling interval stays).
+    # Merged over what harness.workers.worker_app set (the short polling interval stays).
     celery_app.conf.broker_transport_options = {
         **(celery_app.conf.broker_transport_options or {}),
         **parse_transport_options(raw),

@@ -46,13 +46,13 @@ from sqlalchemy import Table, UniqueConstraint, text
 from app.clock import utcnow
 from app.maintenance import MESSAGE_PREFIX
 from app.models import FrontendPrice, Stock
-from harness.errors import CheckFailed
-from harness.logs import LogLine, tracebacks
-from harness.marketplace import MarketplaceServer
-from harness.runs import RunRow, RunStore
+from harness.core.errors import CheckFailed
+from harness.core.logs import LogLine, tracebacks
+from harness.core.poll import poll_until
+from harness.core.runs import RunRow, RunStore
 from harness.services._base import libpq_dsn
-from harness.services._proc import poll_until
-from harness.worker import CeleryWorkerProcess, app_env, mask_secrets
+from harness.workers.marketplace import MarketplaceServer
+from harness.workers.process import CeleryWorkerProcess, app_env, mask_secrets
 
 __all__ = [
     "DOMAIN_KEYS",
@@ -93,8 +93,8 @@ logger = logging.getLogger("harness.faults")
 
 T = TypeVar("T")
 
-# The app the fault workers run: harness.worker_app plus broker transport options.
-FAULT_WORKER_APP: Final = "harness.fault_worker_app"
+# The app the fault workers run: harness.workers.worker_app plus broker transport options.
+FAULT_WORKER_APP: Final = "harness.workers.fault_worker_app"
 # A beat every 0.2 s: a killed worker's run looks stale after a second, not after minutes.
 HEARTBEAT_INTERVAL_S: Final = 0.2
 # What "stale" means in the scenarios: five missed beats. A live worker's heartbeat thread is
@@ -607,7 +607,7 @@ class FaultWorkers:
         children ignore the soft time limit, as a job stuck in a C call does, so that only the
         hard limit ends a run; ``stall_before_task`` makes every task stall before its body,
         holding its message unacknowledged with the run still queued, until the worker is
-        killed (both: ``harness.fault_worker_app``).
+        killed (both: ``harness.workers.fault_worker_app``).
         """
         overrides = {
             "APP_HEARTBEAT_INTERVAL_S": str(HEARTBEAT_INTERVAL_S),
@@ -773,7 +773,7 @@ def assert_fault_invariants(
       today; this catches one that is dropped), and each domain table holds exactly
       ``expected_rows`` rows per (table, project, marketplace), no more, no fewer and none
       anywhere else: what the successful runs were served, and nothing from a failed one.
-    - ``harness.logs.tracebacks(worker_log_lines)`` has nothing but the provoked ones:
+    - ``harness.core.logs.tracebacks(worker_log_lines)`` has nothing but the provoked ones:
       ``provoked`` are regular expressions; a traceback matching one of them is expected.
     """
     problems: list[str] = []

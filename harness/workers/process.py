@@ -34,11 +34,11 @@ import kombu.entity
 import psutil
 from celery import Celery
 
-from harness._lifecycle import StartStop
-from harness.errors import SetupError
-from harness.logs import LogLine, read_log_file, trace_lines
-from harness.loopmodes import LOOP_MODE_HEADER, LoopMode, parse_loop_mode
-from harness.target import TARGET_ENV, default_target, default_target_spec, load_target
+from harness.core._lifecycle import StartStop
+from harness.core.errors import SetupError
+from harness.core.logs import LogLine, read_log_file, trace_lines
+from harness.core.target import TARGET_ENV, default_target, default_target_spec, load_target
+from harness.workers.loopmodes import LOOP_MODE_HEADER, LoopMode, parse_loop_mode
 
 __all__ = [
     "CeleryWorkerProcess",
@@ -144,7 +144,7 @@ class CeleryWorkerProcess(StartStop):
         node_name: str | None = None,
         loglevel: str = "INFO",
         extra_env: Mapping[str, str] | None = None,
-        app: str = "harness.worker_app",
+        app: str = "harness.workers.worker_app",
         start_timeout: float = 20.0,
         target: str | None = None,
     ) -> None:

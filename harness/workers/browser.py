@@ -11,7 +11,7 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
-from harness.errors import SetupError
+from harness.core.errors import SetupError
 
 if TYPE_CHECKING:
     from playwright.sync_api import Browser, Playwright

@@ -19,9 +19,9 @@ from typing import Final
 
 import pytest
 
-from harness.cell import BROKERS, MATRIX_MODES, POOLS, RUNNERS, SERVICE_MODES, worker_group
-from harness.config import ConfigError, HarnessConfig
-from harness.target import TARGET_ENV, TARGET_INI, TargetError, load_target
+from harness.core.cell import BROKERS, MATRIX_MODES, POOLS, RUNNERS, SERVICE_MODES, worker_group
+from harness.core.config import ConfigError, HarnessConfig
+from harness.core.target import TARGET_ENV, TARGET_INI, TargetError, load_target
 
 __all__ = [
     "CELL_FIXTURE",
@@ -42,7 +42,7 @@ POOL_FIXTURE: Final = "worker_pool"
 # pytest-xdist's group of every test that runs on the farm's worker for one (pool, broker):
 # under ``--dist loadgroup`` all of them go to one xdist worker, which then boots that Celery
 # worker alone (see fixtures/worker.py), rather than every xdist worker booting every pool's.
-# The scheduler that makes this hold on pytest 9.2 is harness.xdist_groups'.
+# The scheduler that makes this hold on pytest 9.2 is harness.pytest.xdist_groups'.
 # A (section title, text) to show under a failed test; called only when a phase failed.
 FailureDetail = Callable[[], tuple[str, str]]
 _failure_details_key: Final = pytest.StashKey[list[FailureDetail]]()
@@ -51,8 +51,8 @@ _failure_details_key: Final = pytest.StashKey[list[FailureDetail]]()
 # The interpreter's last garbage collection walks every object of a process that loaded
 # pytest, SQLAlchemy, Celery and the app: ~0.5 s of the exit of every pytest process and xdist
 # worker, measured, and xdist's controller waits for each worker's. Freezing the heap at exit
-# skips that walk, as harness.worker_app does in the Celery workers. Registered on import, once
-# per process; freezing only stops the collector, so the handlers that run after it still work.
+# skips that walk, as harness.workers.worker_app does in the Celery workers. Registered on import,
+# once per process; freezing only stops the collector, so the handlers that run after it still work.
 atexit.register(gc.freeze)
 
 
@@ -104,7 +104,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         parser.addini(f"harness_{name}", help_text, default=None)
     parser.addini(
         TARGET_INI,
-        "the harness Target of the Celery app under test: package.module:NAME (harness.target)",
+        "the harness Target of the Celery app under test: package.module:NAME "
+        "(harness.core.target)",
         default=None,
     )
 
@@ -284,10 +285,11 @@ def _worker_group(pool: str, broker: str) -> pytest.MarkDecorator:
 
 @pytest.hookimpl(optionalhook=True, tryfirst=True)
 def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object | None:
-    """``--dist loadgroup``: xdist's, plus the (pool, broker) groups (harness.xdist_groups)."""
+    """``--dist loadgroup``: xdist's, plus the (pool, broker) groups
+    (harness.pytest.xdist_groups)."""
     if config.getvalue("dist") != "loadgroup":
         return None
-    from harness.xdist_groups import HarnessGroupScheduling  # only under xdist
+    from harness.pytest.xdist_groups import HarnessGroupScheduling  # only under xdist
 
     return HarnessGroupScheduling(config, log)
 

@@ -1,0 +1,1 @@
+"""checks layer (docs/architecture.md)."""

@@ -1,0 +1,1 @@
+"""matrix layer (docs/architecture.md)."""

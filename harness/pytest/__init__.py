@@ -1,0 +1,1 @@
+"""pytest layer (docs/architecture.md)."""

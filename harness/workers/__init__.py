@@ -1,0 +1,1 @@
+"""workers layer (docs/architecture.md)."""
