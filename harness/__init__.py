@@ -1,5 +1,7 @@
-"""ingest-harness: the regression harness for the ingestion service's Celery task.
+"""ingest-harness: forces event-loop conditions inside real Celery workers of an app (its
+Target, ``harness.core.target``) and checks what its task wrote.
 
-The pytest plugin lives in ``harness.pytest.plugin``; the plain classes (services, worker,
-marketplace, assertions) are importable on their own and usable without pytest.
+The layers, bottom to top: ``core``, ``services``, ``workers``, ``checks``, ``matrix``,
+``pytest`` (docs/architecture.md). The pytest plugin is ``harness.pytest.plugin``; the plain
+classes (services, workers, assertions) are usable without pytest.
 """

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import tempfile
@@ -30,6 +31,7 @@ from pydantic import ValidationError
 from app.config import describe_settings_error, get_settings
 from app.utils.cli import OneLineParser
 from harness.core.cell import POOLS
+from harness.core.target import TARGET_ENV
 from harness.services import ServiceMode, ServicesError, mask_dsn
 from harness.services._proc import tcp_answers
 from harness.workers.http import ServerStartError
@@ -47,6 +49,7 @@ from harness.workers.stack import (
 __all__ = ["main"]
 
 DEFAULT_PORT: Final = 8000
+INGEST_TARGET: Final = "fixtures.target:INGEST"
 DEFAULT_MARKETPLACE_PORT: Final = 8081
 # How often the waiting launcher checks that the worker is still there.
 _WATCH_S: Final = 0.5
@@ -237,6 +240,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     signals = _Signals(err)
     signals.install()
 
+    # The ingestion service's launcher: its Target, wherever it is started from (a
+    # HARNESS_TARGET set by the user still wins).
+    os.environ.setdefault(TARGET_ENV, INGEST_TARGET)
     try:
         get_settings()  # the API's and the worker's APP_* settings, before anything starts
     except ValidationError as exc:
