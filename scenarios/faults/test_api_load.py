@@ -50,6 +50,8 @@ PROJECTS: Final = (301, 302, 303, 304, 305)
 JOBS: Final = ("frontend_prices", "stocks")
 CODE: Final = "load-api"
 REDIS_DOWN_S: Final = 5.0
+# How long after the new Redis answers a start may still be refused (the API reconnecting).
+RECONNECT_SLACK_S: Final = 5.0
 # The outage stack's worker redelivers a reserved message it could not hand back after this.
 VISIBILITY_TIMEOUT_S: Final = 5
 TERMINAL_TIMEOUT_S: Final = 120.0
@@ -126,7 +128,10 @@ def _percentiles(load: Load) -> dict[str, dict[str, float]]:
     return out
 
 
-def _run_load(stack: FullStack, outage: LocalRedis | None) -> tuple[Load, list[Any], float]:
+def _run_load(
+    stack: FullStack, outage: LocalRedis | None
+) -> tuple[Load, list[Any], tuple[float, float]]:
+    """The load, the duplicates the monitor saw, and the outage (down, up; 0, 0 without)."""
     load = Load()
     stop = threading.Event()
     duplicates: list[Any] = []
@@ -136,7 +141,7 @@ def _run_load(stack: FullStack, outage: LocalRedis | None) -> tuple[Load, list[A
         threading.Thread(target=_client_loop, args=(stack, load, seed), daemon=True)
         for seed in range(CLIENTS)
     ]
-    down_at = 0.0
+    down_at = up_at = 0.0
     for thread in clients:
         thread.start()
     if outage is not None:
@@ -144,12 +149,13 @@ def _run_load(stack: FullStack, outage: LocalRedis | None) -> tuple[Load, list[A
             time.sleep(0.01)
         down_at = time.monotonic()
         outage.restart(keep_data=True, down_for=REDIS_DOWN_S)
+        up_at = time.monotonic()  # the new server answers
     for thread in clients:
         thread.join(timeout=300)
         assert not thread.is_alive(), "a client did not finish its requests"
     stop.set()
     monitor.join(timeout=10)
-    return load, duplicates, down_at
+    return load, duplicates, (down_at, up_at)
 
 
 def _wait_settled(stack: FullStack, run_ids: list[int], broker_url: str) -> dict[int, RunRow]:
@@ -242,15 +248,24 @@ def test_2000_requests_with_redis_down_for_5_s(
     outage_stack: tuple[FullStack, LocalRedis], request: pytest.FixtureRequest
 ) -> None:
     stack, redis = outage_stack
-    load, duplicates, down_at = _run_load(stack, redis)
+    load, duplicates, (down_at, up_at) = _run_load(stack, redis)
 
     _report(request, "redis-down-5s", load)
     errors = [(r, s) for r, s, _, _ in load.answers if s >= 500 and not (r == "start" and s == 503)]
     assert not errors, f"answers of 5xx other than a start's 503: {errors[:10]}"
-    refused = [(s, t) for r, s, _, t in load.answers if r == "start" and s == 503]
+    # (sent, answered) of each refused start: it must have been in flight during the outage,
+    # or within the API's reconnect to the new server (its broker connections are re-made on
+    # use, with RECONNECT_SLACK_S to spare); on a loaded machine a request can take seconds.
+    refused = [(t, t + took) for r, s, took, t in load.answers if r == "start" and s == 503]
     assert refused, "no start was refused while Redis was down: the outage proved nothing"
-    assert all(down_at - 1.0 <= t <= down_at + REDIS_DOWN_S + 5.0 for _, t in refused), (
-        "a start got 503 outside the outage"
+    outside = [
+        (round(sent - down_at, 2), round(done - down_at, 2))
+        for sent, done in refused
+        if done < down_at or sent > up_at + RECONNECT_SLACK_S
+    ]
+    assert not outside, (
+        f"starts got 503 outside the outage (down 0 s to {up_at - down_at:.2f} s; each: sent, "
+        f"answered, in s from its start): {outside[:10]}"
     )
     assert not duplicates, f"two active runs of one key at once: {duplicates[:5]}"
     # A run whose message the worker had reserved, not started, when Redis went away cannot be
