@@ -420,6 +420,13 @@ def test_signalled_session_leaves_nothing(
     )
     _assert_nothing_left(session, how=sig.name)
     left = [p for p in dirs if p.exists()]
+    if left and xdist and not to_group:
+        # execnet gives each xdist worker 5 s to finish its teardown, then kills it: on a busy
+        # machine (load 9-13 in a CI run) stopping its Postgres, Redis and Celery workers took
+        # longer. Its processes are gone (asserted above, by the parent-death signal); its dirs
+        # are a killed process's, which the next services start removes, as after a SIGKILL.
+        _assert_swept(session, left)
+        left = []
     assert not left, f"after {sig.name} the session's temp dirs remain: {left}"
     _assert_no_containers(session, how=sig.name)
 

@@ -289,7 +289,6 @@ def test_a_taken_port_fails_at_once_naming_the_option(launch: Any) -> None:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = int(taken.getsockname()[1])
-        started = time.monotonic()
         app = launch("--port", str(port), "--marketplace-port", "0")
 
         code = app.wait(30)
@@ -298,8 +297,9 @@ def test_a_taken_port_fails_at_once_naming_the_option(launch: Any) -> None:
     assert f"127.0.0.1:{port}" in app.stderr
     assert "already in use" in app.stderr
     assert f"--port {port + 1}" in app.stderr, app.stderr
-    # Refused before Postgres, Redis or a worker were started.
-    assert time.monotonic() - started < 10
+    # Refused before Postgres, Redis or a worker were started: the launcher prints "Starting
+    # the stack" before it starts anything. (No bound on the time: on a loaded machine the
+    # interpreter's imports alone took 8 s; timing goals live in bench/.)
     assert "Starting the stack" not in app.stdout
 
 
