@@ -232,8 +232,10 @@ def test_a_run_that_ends_while_redis_is_down_leaves_the_worker_up(
     as a no-op after the visibility timeout (short here)."""
     # Two slots, one busy: the worker is waiting in BRPOP for more when Redis goes away. Closing
     # that channel fails, and the connection's close then tries it again with its transport
-    # already gone: where kombu raised AttributeError.
-    worker = fault_workers.start(pool=pool, concurrency=2, APP_BROKER_VISIBILITY_TIMEOUT_S="2")
+    # already gone: where kombu raised AttributeError. The visibility timeout is longer than
+    # the run is held before the outage (6 s at load 9 in a CI run; with 2 s the message came
+    # back while the run still ran), so its redelivery comes after the reconnect.
+    worker = fault_workers.start(pool=pool, concurrency=2, APP_BROKER_VISIBILITY_TIMEOUT_S="15")
     run_id, code = start_held_run(fault_store, worker, marketplace, project_id=PROJECT_ID)
     ended: list[RunRow] = []
     errors: list[BaseException] = []
@@ -265,7 +267,7 @@ def test_a_run_that_ends_while_redis_is_down_leaves_the_worker_up(
             x.headline == f"Run {run_id} is not queued (status: success); not executing it again"
             for x in lines
         ),
-        timeout=30.0,
+        timeout=45.0,
         what="the unacknowledged message delivered again, as a no-op",
     )
     assert any(UNACKED_WARNING.format(run_id=run_id) in x.headline for x in lines), (
