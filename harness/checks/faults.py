@@ -469,13 +469,22 @@ def queued_messages(broker_url: str, queue: str) -> int:
         return int(declared.message_count)
 
 
+def _unacked(client: redis.Redis) -> dict[bytes | str, list[Any]]:
+    """kombu's ``unacked`` hash: delivery tag to ``[message, exchange, routing_key]``."""
+    return {tag: json.loads(raw) for tag, raw in client.hgetall("unacked").items()}
+
+
+def _redis_client(broker_url: str) -> redis.Redis:
+    return redis.Redis.from_url(broker_url, socket_connect_timeout=5, socket_timeout=5)
+
+
 def message_in_redis(broker_url: str, queue: str, task_id: str) -> bool:
     """Whether a message of task ``task_id`` is anywhere kombu's Redis transport keeps one:
     waiting in ``queue``'s list, or delivered and unacknowledged in the ``unacked`` hash."""
-    client = redis.Redis.from_url(broker_url, socket_connect_timeout=5, socket_timeout=5)
+    client = _redis_client(broker_url)
     try:
         waiting = [json.loads(raw) for raw in client.lrange(queue, 0, -1)]
-        held = [json.loads(raw)[0] for raw in client.hgetall("unacked").values()]
+        held = [entry[0] for entry in _unacked(client).values()]
     finally:
         client.close()
     return any((m.get("headers") or {}).get("id") == task_id for m in waiting + held)
@@ -488,12 +497,12 @@ def unacked_messages(broker_url: str, queue: str) -> int:
     hash (as ``[message, exchange, routing_key]``) until its ack; a message still there after
     its worker died is what the visibility timeout redelivers.
     """
-    client = redis.Redis.from_url(broker_url, socket_connect_timeout=5, socket_timeout=5)
+    client = _redis_client(broker_url)
     try:
-        entries = client.hgetall("unacked")
+        entries = _unacked(client)
     finally:
         client.close()
-    return sum(1 for raw in entries.values() if json.loads(raw)[2] == queue)
+    return sum(1 for entry in entries.values() if entry[2] == queue)
 
 
 def forget_unacked(broker_url: str, queues: Iterable[str]) -> int:
@@ -502,10 +511,9 @@ def forget_unacked(broker_url: str, queues: Iterable[str]) -> int:
     Only for queues whose workers are gone: it is what their acks would have done.
     """
     names = set(queues)
-    client = redis.Redis.from_url(broker_url, socket_connect_timeout=5, socket_timeout=5)
+    client = _redis_client(broker_url)
     try:
-        entries = client.hgetall("unacked")
-        tags = [tag for tag, raw in entries.items() if json.loads(raw)[2] in names]
+        tags = [tag for tag, entry in _unacked(client).items() if entry[2] in names]
         if tags:
             pipe = client.pipeline()
             pipe.hdel("unacked", *tags)
