@@ -13,6 +13,13 @@ import argparse
 import sys
 from collections.abc import Sequence
 from datetime import timedelta
+from pathlib import Path
+
+# Run as a file (`python scripts/unlock_stale_runs.py`), Python puts scripts/ on the path, not
+# the checkout the service is imported from.
+_CHECKOUT = str(Path(__file__).resolve().parent.parent)
+if _CHECKOUT not in sys.path:
+    sys.path.insert(0, _CHECKOUT)
 
 from pydantic import ValidationError
 from sqlalchemy import URL, make_url

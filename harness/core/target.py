@@ -24,8 +24,10 @@ from __future__ import annotations
 
 import configparser
 import importlib
+import importlib.util
 import os
 import re
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -159,10 +161,38 @@ class Target:
         env.update(overrides)
         return env
 
+    def import_roots(self, spec: str) -> tuple[str, ...]:
+        """The path entries a fresh process needs to import this Target (``spec``), its Celery
+        app and its runner: where each top-level package was found here, when that is not on
+        the path by default (a checkout, not an installed package)."""
+        default = {os.path.realpath(p) for p in _default_path()}
+        roots: list[str] = []
+        for name in (spec, self.celery_app, self.runner, self.migrate):
+            top = name.split(":")[0].split(".")[0]
+            found = importlib.util.find_spec(top)
+            locations = list(found.submodule_search_locations or []) if found else []
+            if found is not None and found.origin and not locations:
+                locations = [found.origin]
+            for location in locations:
+                root = os.path.dirname(os.path.realpath(location))
+                if root not in default and root not in roots:
+                    roots.append(root)
+        return tuple(roots)
+
     def migrate_database(self, database_url: str) -> None:
         """Bring the app's schema up to date in ``database_url``."""
         migrate: Callable[[str], None] = resolve(self.migrate)
         migrate(database_url)
+
+
+def _default_path() -> list[str]:
+    """sys.path without the entries this process was given (PYTHONPATH, the script's folder,
+    pytest's ``pythonpath``): the site-packages and stdlib a new interpreter has anyway."""
+    import site
+    import sysconfig
+
+    paths = [sysconfig.get_paths()[key] for key in ("stdlib", "platstdlib", "purelib", "platlib")]
+    return [*paths, *site.getsitepackages()]
 
 
 def load_target(spec: str) -> Target:
@@ -174,12 +204,18 @@ def load_target(spec: str) -> Target:
 
 
 def _ini_target(root: Path) -> str | None:
+    """``harness_target`` in ``root``'s pytest.ini; its ``pythonpath`` entries are put on
+    sys.path, as pytest does, so that a harness command outside pytest imports the same."""
     ini = root / "pytest.ini"
     if not ini.is_file():
         return None
     parser = configparser.ConfigParser(interpolation=None)
     parser.read(ini, encoding="utf-8")
     value = parser.get("pytest", TARGET_INI, fallback="").strip()
+    for entry in reversed(parser.get("pytest", "pythonpath", fallback="").split()):
+        path = str((root / entry).resolve())
+        if path not in sys.path:
+            sys.path.insert(0, path)
     return value or None
 
 

@@ -186,6 +186,12 @@ class CeleryWorkerProcess(StartStop):
             {TARGET_ENV: self.target_spec, **(extra_env or {})},
             drop=(*_DROPPED_ENV_PREFIXES, self.target.env_prefix),
         )
+        # The worker imports the Target, its app and its runner from where this process did (a
+        # checkout is not an installed package): also the job modules it imports on first run.
+        roots = self.target.import_roots(self.target_spec)
+        if roots:
+            inherited = [p for p in self.env.get("PYTHONPATH", "").split(os.pathsep) if p]
+            self.env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys([*roots, *inherited]))
         self.start_s: float | None = None
         self.stop_s: float | None = None
         self._proc: subprocess.Popen[bytes] | None = None
