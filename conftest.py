@@ -1,9 +1,11 @@
-"""Root conftest: wires the thin fixtures in ``fixtures/`` (the logic lives in ``harness/``)."""
+"""Root conftest: wires the thin fixtures in ``fixtures/`` (the logic lives in ``harness/``).
+
+The session's services, database and cell come from the harness's own fixtures
+(``harness.pytest.fixtures``), which the plugin registers because pytest.ini names a Target."""
 
 import freezegun
 
 pytest_plugins = [
-    "fixtures.db",
     "fixtures.marketplace",
     "fixtures.app",
     "fixtures.api",

@@ -8,6 +8,7 @@ No servers: the scenarios' fixtures are replaced by one-line stand-ins in each t
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 
@@ -486,3 +487,38 @@ def test_a_project_that_does_not_use_the_harness_sees_no_trace_of_it(
     named = pytester.runpytest_subprocess("-p", "no:cacheprovider")
     named.assert_outcomes(passed=1)
     assert "ingest-harness: loop modes" in named.stdout.str()
+
+
+HARNESS_FIXTURES = (
+    "harness_target",
+    "services",
+    "database_url",
+    "clean_db",
+    "matrix_cell",
+    "worker_pool",
+    "target_database",
+    "target_worker",
+)
+
+
+def test_pytest_fixtures_lists_the_factories_with_their_docs_only_where_a_target_is_named(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("HARNESS_TARGET", raising=False)
+    pytester.makeini(BASE_INI + "harness_target = examples.reports.target:REPORTS\n")
+    named = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--fixtures")
+    assert named.ret == 0, named.stderr.str()
+    text = named.stdout.str()
+    for name in HARNESS_FIXTURES:
+        assert re.search(
+            rf"^{name}( \[session scope\])? -- .*harness/pytest/fixtures\.py", text, re.M
+        ), name
+    # With each one's docstring under it.
+    assert "a real ``celery worker`` of ``target``" in text
+    assert "The Target this session tests" in text
+    # A project naming no Target gets none of them.
+    pytester.makeini(BASE_INI)
+    plain = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--fixtures")
+    assert plain.ret == 0, plain.stderr.str()
+    assert "harness/pytest/fixtures.py" not in plain.stdout.str()
+    assert "target_worker" not in plain.stdout.str()

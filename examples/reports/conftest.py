@@ -1,37 +1,25 @@
-"""The report service's fixtures: its own database next to the session's services, and one
-Celery worker per (pool, runner), all from harness pieces and the app's Target alone."""
+"""The report service's fixtures: thin wiring over the harness's fixtures
+(``harness.pytest.fixtures``), with nothing but the app's Target. Its workers and its database
+come from ``target_worker`` and ``target_database``; this file only adds the app's own insert."""
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import pytest
 from sqlalchemy import Engine, create_engine, text
 
 from examples.reports.target import REPORTS
-from harness.services import Services, create_database, drop_database
+from harness.pytest.fixtures import TargetDatabases, TargetWorkers
 from harness.workers.process import CeleryWorkerProcess
 
 TARGET_SPEC = "examples.reports.target:REPORTS"
 
 
 @pytest.fixture(scope="session")
-def reports_db(services: Services) -> Iterator[str]:
-    """A database of the report service's own, made by its Target's migrate."""
-    name = f"reports_{secrets.token_hex(4)}"
-    url = create_database(services.postgres_admin_url, name)
-    try:
-        REPORTS.migrate_database(url)
-        yield url
-    finally:
-        drop_database(services.postgres_admin_url, name)
-
-
-@pytest.fixture(scope="session")
-def reports_engine(reports_db: str) -> Iterator[Engine]:
-    engine = create_engine(reports_db)
+def reports_engine(target_database: TargetDatabases) -> Iterator[Engine]:
+    """The report service's own database (made by its Target's migrate), on our connection."""
+    engine = create_engine(target_database(REPORTS))
     try:
         yield engine
     finally:
@@ -54,29 +42,10 @@ def new_report(reports_engine: Engine) -> Callable[[str, str], int]:
 
 
 @pytest.fixture(scope="session")
-def reports_workers(
-    services: Services, reports_db: str, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Callable[[str, str], CeleryWorkerProcess]]:
-    """A started worker per (pool, runner), on first use; all stopped at the session's end."""
-    log_dir: Path = tmp_path_factory.mktemp("reports-workers")
-    started: dict[tuple[str, str], CeleryWorkerProcess] = {}
+def reports_workers(target_worker: TargetWorkers) -> Callable[[str, str], CeleryWorkerProcess]:
+    """A started worker of the report service per (pool, runner)."""
 
     def get(pool: str, runner: str) -> CeleryWorkerProcess:
-        if (pool, runner) not in started:
-            worker = CeleryWorkerProcess(
-                env=REPORTS.app_env(database_url=reports_db, broker_url=services.redis_url),
-                log_dir=log_dir,
-                pool=pool,
-                concurrency=1,
-                extra_env={"HARNESS_RUNNER": runner},
-                target=TARGET_SPEC,
-            )
-            started[(pool, runner)] = worker
-            worker.start()
-        return started[(pool, runner)]
+        return target_worker(pool, runner=runner, target=TARGET_SPEC)
 
-    try:
-        yield get
-    finally:
-        for worker in started.values():
-            worker.stop()
+    return get

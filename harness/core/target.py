@@ -144,8 +144,15 @@ class Target:
     runs: RunTable
     logs: LogContract
     worker_env: Mapping[str, str] = field(default_factory=dict)
+    # The tables ``clean_db`` empties before a test; the runs' table when not given.
+    reset_tables: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        if not self.reset_tables:
+            object.__setattr__(self, "reset_tables", (self.runs.table,))
+        bad = [n for n in self.reset_tables if not re.fullmatch(r"[a-z_][a-z0-9_]*", n)]
+        if bad:
+            raise TargetError(f"Target {self.name}: reset_tables {bad} are not plain SQL names")
         for name in ("celery_app", "runner", "migrate"):
             if not _SPEC_RE.match(getattr(self, name)):
                 raise TargetError(f"Target {self.name}: {name} must be 'package.module:NAME'")
@@ -178,6 +185,15 @@ class Target:
                 if root not in default and root not in roots:
                     roots.append(root)
         return tuple(roots)
+
+    def pythonpath(self, spec: str, inherited: str | None) -> str | None:
+        """``PYTHONPATH`` for a child process that must import this Target: its
+        :meth:`import_roots` first, then ``inherited``; None when nothing needs adding."""
+        roots = self.import_roots(spec)
+        if not roots:
+            return inherited
+        kept = [p for p in (inherited or "").split(os.pathsep) if p]
+        return os.pathsep.join(dict.fromkeys([*roots, *kept]))
 
     def migrate_database(self, database_url: str) -> None:
         """Bring the app's schema up to date in ``database_url``."""

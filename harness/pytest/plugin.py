@@ -118,10 +118,29 @@ def _set_target(config: pytest.Config) -> None:
     if not spec:
         return  # a project that does not use the harness's workers
     try:
-        load_target(spec)
+        target = load_target(spec)
     except TargetError as exc:
         raise pytest.UsageError(f"{TARGET_ENV if from_env else TARGET_INI}: {exc}") from None
+    before = {name: os.environ.get(name) for name in (TARGET_ENV, "PYTHONPATH")}
+    # The fixtures over a Target: only in a project that names one (``pytest --fixtures``).
+    from harness.pytest import fixtures
+
+    if not config.pluginmanager.is_registered(fixtures):
+        config.pluginmanager.register(fixtures, "harness-fixtures")
     os.environ[TARGET_ENV] = spec
+    # ... and imports it from where this process did (a checkout, through `pythonpath`).
+    path = target.pythonpath(spec, os.environ.get("PYTHONPATH"))
+    if path:
+        os.environ["PYTHONPATH"] = path
+
+    def restore() -> None:  # an in-process pytester session must not leave them to its host
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+    config.add_cleanup(restore)
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -188,10 +188,9 @@ class CeleryWorkerProcess(StartStop):
         )
         # The worker imports the Target, its app and its runner from where this process did (a
         # checkout is not an installed package): also the job modules it imports on first run.
-        roots = self.target.import_roots(self.target_spec)
-        if roots:
-            inherited = [p for p in self.env.get("PYTHONPATH", "").split(os.pathsep) if p]
-            self.env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys([*roots, *inherited]))
+        path = self.target.pythonpath(self.target_spec, self.env.get("PYTHONPATH"))
+        if path:
+            self.env["PYTHONPATH"] = path
         self.start_s: float | None = None
         self.stop_s: float | None = None
         self._proc: subprocess.Popen[bytes] | None = None
