@@ -27,7 +27,7 @@ from sqlalchemy import create_engine, text
 from harness.core.cell import CELL_PROPERTY, Cell
 from harness.core.errors import UsageError
 from harness.core.target import Target, default_target, default_target_spec, load_target
-from harness.pytest.plugin import harness_config_key
+from harness.pytest.stash import harness_config_key
 from harness.services import DockerImages, Services, ServiceStack, create_database, drop_database
 from harness.workers.process import CeleryWorkerProcess
 

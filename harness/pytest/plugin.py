@@ -13,7 +13,7 @@ import gc
 import os
 import signal
 import threading
-from collections.abc import Callable, Generator
+from collections.abc import Generator
 from types import FrameType
 from typing import Final
 
@@ -22,6 +22,14 @@ import pytest
 from harness.core.cell import BROKERS, MATRIX_MODES, POOLS, RUNNERS, SERVICE_MODES, worker_group
 from harness.core.config import ConfigError, HarnessConfig
 from harness.core.target import TARGET_ENV, TARGET_INI, TargetError, load_target
+from harness.pytest.stash import (
+    FailureDetail,
+    add_failure_detail,
+    collect_failure_details,
+    harness_config_key,
+    phase_failed,
+    phase_reports_key,
+)
 
 __all__ = [
     "CELL_FIXTURE",
@@ -34,18 +42,12 @@ __all__ = [
     "phase_reports_key",
 ]
 
-harness_config_key: Final = pytest.StashKey[HarnessConfig]()
-# Each phase's report ("setup", "call", "teardown") as it was made, for fixtures' teardown.
-phase_reports_key: Final = pytest.StashKey[dict[str, pytest.TestReport]]()
 CELL_FIXTURE: Final = "matrix_cell"
 POOL_FIXTURE: Final = "worker_pool"
 # pytest-xdist's group of every test that runs on the farm's worker for one (pool, broker):
 # under ``--dist loadgroup`` all of them go to one xdist worker, which then boots that Celery
 # worker alone (see fixtures/worker.py), rather than every xdist worker booting every pool's.
 # The scheduler that makes this hold on pytest 9.2 is harness.pytest.xdist_groups'.
-# A (section title, text) to show under a failed test; called only when a phase failed.
-FailureDetail = Callable[[], tuple[str, str]]
-_failure_details_key: Final = pytest.StashKey[list[FailureDetail]]()
 
 
 # The interpreter's last garbage collection walks every object of a process that loaded
@@ -336,21 +338,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         items[:] = keep
 
 
-# -- failure evidence -----------------------------------------------------------------------
-
-
-def add_failure_detail(item: pytest.Item, detail: FailureDetail) -> None:
-    """Have ``detail()`` appended as a report section if a phase of ``item`` fails.
-
-    Called only on failure, so a passing test never pays for reading logs or rows; an error
-    inside it becomes the section's text and never hides the test's own failure.
-    """
-    item.stash.setdefault(_failure_details_key, []).append(detail)
-
-
-def phase_failed(item: pytest.Item) -> bool:
-    """Whether a phase of ``item`` reported so far failed (for a fixture's teardown)."""
-    return any(report.failed for report in item.stash.get(phase_reports_key, {}).values())
+# -- failure evidence (harness.pytest.stash) -----------------------------------------------
 
 
 @pytest.hookimpl(wrapper=True)
@@ -358,16 +346,5 @@ def pytest_runtest_makereport(
     item: pytest.Item, call: pytest.CallInfo[None]
 ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
     report = yield
-    reports = item.stash.setdefault(phase_reports_key, {})
-    # Evidence goes with the first failed phase only (a failed call is often followed by a
-    # failed teardown; the same sections twice would only bury the failure).
-    first_failure = report.failed and not any(r.failed for r in reports.values())
-    reports[report.when] = report
-    if first_failure:
-        for detail in item.stash.get(_failure_details_key, []):
-            try:
-                title, text = detail()
-            except Exception as exc:  # evidence is a bonus: never replace the real failure
-                title, text = "harness", f"could not collect failure details: {exc!r}"
-            report.sections.append((title, text))
+    collect_failure_details(item, report)
     return report
