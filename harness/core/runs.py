@@ -6,15 +6,15 @@ the worker committed.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from datetime import datetime
+from collections.abc import Iterator, Mapping, Sequence
+from types import MappingProxyType
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, text
 
-from app.models import TERMINAL_STATUSES
 from harness.core.errors import CheckFailed
 from harness.core.poll import poll_until
+from harness.core.target import RunTable, Target, default_target
 
 __all__ = [
     "RunNotTerminalError",
@@ -22,36 +22,54 @@ __all__ = [
     "RunStore",
 ]
 
-_COLUMNS = (
-    "id, project_id, marketplace_code, job_code, status, created_at, started_at, finished_at, "
-    "duration_ms, stats_json, error_message, heartbeat_at, celery_task_id"
-)
 
+class RunRow(Mapping[str, Any]):
+    """One run's row, exactly as stored: its columns (the Target's ``RunTable.columns``) by
+    name, as items and as attributes (``row.status``, ``row.error_message``)."""
 
-@dataclass(frozen=True)
-class RunRow:
-    """One ``ingest_runs`` row, exactly as stored."""
+    __slots__ = ("_runs", "_values")
 
-    id: int
-    project_id: int
-    marketplace_code: str
-    job_code: str
-    status: str
-    created_at: datetime
-    started_at: datetime | None
-    finished_at: datetime | None
-    duration_ms: int | None
-    stats_json: dict[str, Any] | None
-    error_message: str | None
-    heartbeat_at: datetime | None
-    celery_task_id: str | None
+    def __init__(self, runs: RunTable, values: Mapping[str, Any]) -> None:
+        missing = [c for c in runs.columns if c not in values]
+        if missing:
+            raise ValueError(f"a {runs.table} row lacks {missing}")
+        self._runs = runs
+        self._values = MappingProxyType({c: values[c] for c in runs.columns})
+
+    def __getitem__(self, column: str) -> Any:
+        return self._values[column]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def __getattr__(self, column: str) -> Any:
+        try:
+            return self._values[column]
+        except KeyError:
+            raise AttributeError(f"{self._runs.table} has no column {column!r}") from None
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, RunRow) and dict(self._values) == dict(other._values)
+
+    def __hash__(self) -> int:
+        return hash((self._runs.table, self._values[self._runs.id]))
+
+    def __repr__(self) -> str:
+        return f"RunRow({dict(self._values)!r})"
+
+    @property
+    def status(self) -> str:
+        return str(self._values[self._runs.status])
 
     @property
     def terminal(self) -> bool:
-        return self.status in TERMINAL_STATUSES
+        return self._runs.is_terminal(self._values)
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return dict(self._values)
 
 
 class RunNotTerminalError(CheckFailed):
@@ -63,9 +81,11 @@ class RunNotTerminalError(CheckFailed):
 
 
 class RunStore:
-    """The harness's window on ``ingest_runs``, on a connection of its own."""
+    """The harness's window on the Target's runs' table, on a connection of its own."""
 
-    def __init__(self, database_url: str | Engine) -> None:
+    def __init__(self, database_url: str | Engine, target: Target | None = None) -> None:
+        self.target = target or default_target()
+        self.runs = self.target.runs
         if isinstance(database_url, Engine):
             self._engine = database_url
             self._owned = False
@@ -87,40 +107,38 @@ class RunStore:
     def __exit__(self, *_: object) -> None:
         self.close()
 
-    def create(
-        self,
-        *,
-        project_id: int = 1,
-        marketplace_code: str = "demo",
-        job_code: str = "frontend_prices",
-    ) -> int:
-        """Insert a ``queued`` run, as the API does, and return its id."""
+    def create(self, **values: object) -> int:
+        """Insert a run as the app does (``RunTable.insert`` for what is not given); its id."""
+        row = {**self.runs.insert, **values}
+        unknown = [c for c in row if c not in self.runs.columns]
+        if unknown:
+            raise ValueError(f"{self.runs.table} has no column(s) {unknown}")
+        names = ", ".join(row)
+        params = ", ".join(f":{c}" for c in row)
+        sql = f"INSERT INTO {self.runs.table} ({names}) VALUES ({params}) RETURNING {self.runs.id}"
         with self._engine.begin() as conn:
-            run_id = conn.execute(
-                text(
-                    "INSERT INTO ingest_runs (project_id, marketplace_code, job_code, status) "
-                    "VALUES (:p, :m, :j, 'queued') RETURNING id"
-                ),
-                {"p": project_id, "m": marketplace_code, "j": job_code},
-            ).scalar_one()
+            run_id = conn.execute(text(sql), row).scalar_one()
         return int(run_id)
 
     def get(self, run_id: int) -> RunRow | None:
-        with self._engine.connect() as conn:
-            row = (
-                conn.execute(
-                    text(f"SELECT {_COLUMNS} FROM ingest_runs WHERE id = :id"), {"id": run_id}
-                )
-                .mappings()
-                .first()
-            )
-        return None if row is None else RunRow(**row)
+        values = self.runs.read(self._engine, run_id)
+        return None if values is None else RunRow(self.runs, values)
 
     def read(self, run_id: int) -> RunRow:
         row = self.get(run_id)
         if row is None:
-            raise LookupError(f"ingest_runs has no row with id {run_id}")
+            raise LookupError(f"{self.runs.table} has no row with id {run_id}")
         return row
+
+    def read_many(self, run_ids: Sequence[int]) -> dict[int, RunRow]:
+        """The rows of ``run_ids`` as stored now, by id, in one query."""
+        sql = text(
+            f"SELECT {', '.join(self.runs.columns)} FROM {self.runs.table} "
+            f"WHERE {self.runs.id} = ANY(:ids)"
+        )
+        with self._engine.connect() as conn:
+            rows = conn.execute(sql, {"ids": list(run_ids)}).mappings().all()
+        return {int(row[self.runs.id]): RunRow(self.runs, dict(row)) for row in rows}
 
     def wait_terminal(self, run_id: int, *, timeout: float = 30.0, poll: float = 0.01) -> RunRow:
         """Poll until the run is ``success`` or ``failed``; a deadline, never a fixed sleep."""
@@ -142,8 +160,9 @@ class RunStore:
         return row
 
     def count_rows(self, table: str, **where: object) -> int:
-        if table not in {"frontend_prices", "stocks", "ingest_runs"}:
-            raise ValueError(f"unknown table {table!r}")
+        """Rows of one of the Target's tables (``reset_tables``) matching ``where``."""
+        if table not in self.target.reset_tables:
+            raise ValueError(f"unknown table {table!r}; the Target's: {self.target.reset_tables}")
         clause = " AND ".join(f"{k} = :{k}" for k in where) or "TRUE"
         with self._engine.connect() as conn:
             return int(

@@ -85,15 +85,18 @@ class RunTable:
     status: str = "status"
     terminal: tuple[str, ...] = ("success", "failed")
     success: str = "success"
+    # What the harness inserts for a new run, as the app does; ``RunStore.create`` adds to it.
+    insert: Mapping[str, object] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         names = (self.table, *self.columns)
         bad = [n for n in names if not re.fullmatch(r"[a-z_][a-z0-9_]*", n)]
         if bad:
             raise TargetError(f"RunTable: {bad} are not plain lower-case SQL names")
-        missing = [c for c in (self.id, self.status) if c not in self.columns]
+        missing = [c for c in (self.id, self.status, *self.insert) if c not in self.columns]
         if missing:
             raise TargetError(f"RunTable {self.table}: columns lack {missing}")
+        object.__setattr__(self, "insert", MappingProxyType(dict(self.insert)))
 
     def read(self, engine: Engine, run_id: int) -> dict[str, Any] | None:
         """The row of ``run_id`` as stored now, column by column; None if there is none."""

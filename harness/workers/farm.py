@@ -432,7 +432,7 @@ class CompletedRun:
 
     @property
     def run_id(self) -> int:
-        return self.row.id
+        return int(self.row.id)
 
 
 class WorkerRuns:

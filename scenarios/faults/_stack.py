@@ -44,10 +44,6 @@ _VALUE_COLUMNS: Final[Mapping[str, tuple[str, ...]]] = {
     "frontend_prices": ("sku", "price", "currency", "discount_price", "observed_at"),
     "stocks": ("sku", "warehouse", "quantity", "observed_at"),
 }
-_RUN_COLUMNS: Final = (
-    "id, project_id, marketplace_code, job_code, status, created_at, started_at, finished_at, "
-    "duration_ms, stats_json, error_message, heartbeat_at, celery_task_id"
-)
 _SHOWN_DIFFERENCES: Final = 20
 # One query per poll for all runs: polling each run would put dozens of queries a second on
 # the two cores the worker and Postgres need.
@@ -99,16 +95,7 @@ def api_client(stack: FullStack, *, timeout: float = 10.0) -> httpx.Client:
 
 def read_runs(store: RunStore, run_ids: Sequence[int]) -> dict[int, RunRow]:
     """The rows of ``run_ids`` as stored now, by id, in one query."""
-    with store.engine.connect() as conn:
-        rows = (
-            conn.execute(
-                text(f"SELECT {_RUN_COLUMNS} FROM ingest_runs WHERE id = ANY(:ids)"),
-                {"ids": list(run_ids)},
-            )
-            .mappings()
-            .all()
-        )
-    return {int(row["id"]): RunRow(**row) for row in rows}
+    return store.read_many(run_ids)
 
 
 def wait_all_terminal(
