@@ -87,13 +87,18 @@ class RunTable:
     success: str = "success"
     # What the harness inserts for a new run, as the app does; ``RunStore.create`` adds to it.
     insert: Mapping[str, object] = field(default_factory=dict)
+    # The error column, and the prefix of the message the app's own recovery (an unlock of
+    # stale runs) writes there: the fault checks count such runs as recovered, not lost.
+    error: str | None = None
+    recovered_prefix: str | None = None
 
     def __post_init__(self) -> None:
         names = (self.table, *self.columns)
         bad = [n for n in names if not re.fullmatch(r"[a-z_][a-z0-9_]*", n)]
         if bad:
             raise TargetError(f"RunTable: {bad} are not plain lower-case SQL names")
-        missing = [c for c in (self.id, self.status, *self.insert) if c not in self.columns]
+        named = (self.id, self.status, *self.insert, *([self.error] if self.error else []))
+        missing = [c for c in named if c not in self.columns]
         if missing:
             raise TargetError(f"RunTable {self.table}: columns lack {missing}")
         object.__setattr__(self, "insert", MappingProxyType(dict(self.insert)))
@@ -149,6 +154,9 @@ class Target:
     worker_env: Mapping[str, str] = field(default_factory=dict)
     # The tables ``clean_db`` empties before a test; the runs' table when not given.
     reset_tables: tuple[str, ...] = ()
+    # The tables a run writes its data to, each with its business key: after any fault, no key
+    # may be stored twice (harness.checks.faults.assert_fault_invariants).
+    data_keys: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.reset_tables:
@@ -163,6 +171,7 @@ class Target:
             if not getattr(self, name).startswith(self.env_prefix):
                 raise TargetError(f"Target {self.name}: {name} must start with {self.env_prefix}")
         object.__setattr__(self, "worker_env", MappingProxyType(dict(self.worker_env)))
+        object.__setattr__(self, "data_keys", MappingProxyType(dict(self.data_keys)))
 
     def app_env(self, *, database_url: str, broker_url: str, **overrides: str) -> dict[str, str]:
         """The app's environment for a test worker: its URLs, its quick settings, overrides."""
