@@ -1,6 +1,7 @@
 """The import contract (pyproject.toml, ``[tool.importlinter]``; docs/architecture.md draws it):
-the service never imports its test tool, the harness imports no test suite, and no package has
-import cycles between its modules. import-linter reads the real import graph of the tree."""
+the service never imports its test tool, the harness imports neither the service nor a suite,
+and no package has import cycles between its modules. import-linter reads the real import graph
+of the tree."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 CONTRACTS = (
     "The service never imports its test tool",
-    "The harness imports no test suite and no example",
+    "The harness imports no app, no test suite and no example",
     "The example app knows only the harness, never the ingestion service",
     "The harness's layers import downwards only",
     "No import cycles between the harness's modules",

@@ -64,7 +64,6 @@ harness_target = fixtures.target:INGEST
 """
 _CHILD_CONFTEST: Final = """\
 pytest_plugins = [
-    "fixtures.db",
     "fixtures.marketplace",
     "fixtures.app",
     "fixtures.api",

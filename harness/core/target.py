@@ -25,6 +25,7 @@ from __future__ import annotations
 import configparser
 import importlib
 import importlib.util
+import logging
 import os
 import re
 import sys
@@ -41,6 +42,8 @@ from harness.core.errors import UsageError
 __all__ = [
     "TARGET_ENV",
     "TARGET_INI",
+    "ApiFactory",
+    "ApiSettings",
     "LogContract",
     "RunTable",
     "Target",
@@ -124,6 +127,15 @@ class LogContract:
     starting: str
     completed: str
     failed: str
+    # ``package.module:NAME`` of a function returning the app's log Formatter (its line format),
+    # for logs the harness writes on the app's behalf (the full stack's API log).
+    formatter: str | None = None
+
+    def make_formatter(self) -> logging.Formatter:
+        if self.formatter is None:
+            return logging.Formatter("[%(asctime)s: %(levelname)s/%(processName)s] %(message)s")
+        factory: Callable[[], logging.Formatter] = resolve(self.formatter)
+        return factory()
 
     def run_lines(self, lines: Any, run_id: int) -> list[Any]:
         """The task logger's lines about ``run_id`` (starting, completed, failed), in order."""
@@ -135,6 +147,24 @@ class LogContract:
             if line.logger == self.task_logger
             and (line.headline in heads or line.headline.startswith(failed))
         ]
+
+
+@dataclass(frozen=True)
+class ApiSettings:
+    """What the harness's stack gives the app's API factory (``Target.api``)."""
+
+    database_url: str
+    broker_url: str
+    # The queue the stack's worker consumes: the API must send its runs there.
+    queue: str
+    # The upstream the runs fetch from (the harness's marketplace).
+    upstream_url: str
+    # Bearer token -> scope ("*" or project ids), as the API is to accept them.
+    tokens: Mapping[str, str]
+
+
+# An ASGI app and the function that releases what it holds (engines, pools) once it stops.
+ApiFactory = Callable[[ApiSettings], "tuple[Any, Callable[[], None]]"]
 
 
 @dataclass(frozen=True)
@@ -154,6 +184,14 @@ class Target:
     worker_env: Mapping[str, str] = field(default_factory=dict)
     # The tables ``clean_db`` empties before a test; the runs' table when not given.
     reset_tables: tuple[str, ...] = ()
+    # The variable the app reads its upstream's URL from (the harness's marketplace), if any.
+    upstream_url_env: str | None = None
+    # The app's HTTP API for the harness's full stack (``python -m app``, the runbook scenarios):
+    # ``package.module:NAME`` of an :data:`ApiFactory`. None: the app has no API to start.
+    api: str | None = None
+    # ``package.module:NAME`` of a function that checks the app's own settings in this
+    # environment before anything starts: it returns a one-line problem, or None.
+    check_settings: str | None = None
     # The tables a run writes its data to, each with its business key: after any fault, no key
     # may be stored twice (harness.checks.faults.assert_fault_invariants).
     data_keys: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
@@ -164,11 +202,13 @@ class Target:
         bad = [n for n in self.reset_tables if not re.fullmatch(r"[a-z_][a-z0-9_]*", n)]
         if bad:
             raise TargetError(f"Target {self.name}: reset_tables {bad} are not plain SQL names")
-        for name in ("celery_app", "runner", "migrate"):
-            if not _SPEC_RE.match(getattr(self, name)):
+        for name in ("celery_app", "runner", "migrate", "api", "check_settings"):
+            value = getattr(self, name)
+            if value is not None and not _SPEC_RE.match(value):
                 raise TargetError(f"Target {self.name}: {name} must be 'package.module:NAME'")
-        for name in ("broker_url_env", "database_url_env"):
-            if not getattr(self, name).startswith(self.env_prefix):
+        for name in ("broker_url_env", "database_url_env", "upstream_url_env"):
+            value = getattr(self, name)
+            if value is not None and not value.startswith(self.env_prefix):
                 raise TargetError(f"Target {self.name}: {name} must start with {self.env_prefix}")
         object.__setattr__(self, "worker_env", MappingProxyType(dict(self.worker_env)))
         object.__setattr__(self, "data_keys", MappingProxyType(dict(self.data_keys)))
@@ -206,6 +246,20 @@ class Target:
             return inherited
         kept = [p for p in (inherited or "").split(os.pathsep) if p]
         return os.pathsep.join(dict.fromkeys([*roots, *kept]))
+
+    def api_factory(self) -> ApiFactory:
+        """The app's API factory (``api``); TargetError if the Target names none."""
+        if self.api is None:
+            raise TargetError(f"Target {self.name} has no api: the full stack cannot start it")
+        factory: ApiFactory = resolve(self.api)
+        return factory
+
+    def settings_problem(self) -> str | None:
+        """What is wrong with the app's settings here (``check_settings``), or None."""
+        if self.check_settings is None:
+            return None
+        check: Callable[[], str | None] = resolve(self.check_settings)
+        return check()
 
     def migrate_database(self, database_url: str) -> None:
         """Bring the app's schema up to date in ``database_url``."""

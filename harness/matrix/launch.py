@@ -26,12 +26,9 @@ from pathlib import Path
 from types import FrameType
 from typing import Final, TextIO, get_args
 
-from pydantic import ValidationError
-
-from app.config import describe_settings_error, get_settings
-from app.utils.cli import OneLineParser
 from harness.core.cell import POOLS
-from harness.core.target import TARGET_ENV
+from harness.core.target import TARGET_ENV, TargetError, default_target_spec, load_target
+from harness.core.usage import OneLineParser
 from harness.services import ServiceMode, ServicesError, mask_dsn
 from harness.services._proc import tcp_answers
 from harness.workers.http import ServerStartError
@@ -49,7 +46,6 @@ from harness.workers.stack import (
 __all__ = ["main"]
 
 DEFAULT_PORT: Final = 8000
-INGEST_TARGET: Final = "fixtures.target:INGEST"
 DEFAULT_MARKETPLACE_PORT: Final = 8081
 # How often the waiting launcher checks that the worker is still there.
 _WATCH_S: Final = 0.5
@@ -240,13 +236,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     signals = _Signals(err)
     signals.install()
 
-    # The ingestion service's launcher: its Target, wherever it is started from (a
-    # HARNESS_TARGET set by the user still wins).
-    os.environ.setdefault(TARGET_ENV, INGEST_TARGET)
+    # The app's Target, as the suite names it (HARNESS_TARGET, else harness_target in the
+    # working directory's pytest.ini), and every process started here gets the same one.
     try:
-        get_settings()  # the API's and the worker's APP_* settings, before anything starts
-    except ValidationError as exc:
-        print(f"python -m app: {describe_settings_error(exc)}", file=err, flush=True)
+        spec = default_target_spec()
+        target = load_target(spec)
+    except TargetError as exc:
+        print(f"python -m app: {exc}", file=err, flush=True)
+        return 2
+    os.environ[TARGET_ENV] = spec
+    # The app's own settings (the API's and the worker's APP_*), before anything starts.
+    problem = target.settings_problem()
+    if problem is not None:
+        print(f"python -m app: {problem}", file=err, flush=True)
         return 2
 
     stack: FullStack | None = None

@@ -75,15 +75,11 @@ def app_env(
     *, database_url: str, broker_url: str, marketplace_url: str, **overrides: str
 ) -> dict[str, str]:
     """The default Target's environment for a test worker (``Target.app_env``): its URLs and
-    quick settings, the marketplace source's URL (``<prefix>MARKETPLACE_URL``), ``overrides``.
+    quick settings, the marketplace source's URL (``Target.upstream_url_env``), ``overrides``.
     """
     target = default_target()
-    return target.app_env(
-        database_url=database_url,
-        broker_url=broker_url,
-        **{f"{target.env_prefix}MARKETPLACE_URL": marketplace_url},
-        **overrides,
-    )
+    upstream = {target.upstream_url_env: marketplace_url} if target.upstream_url_env else {}
+    return target.app_env(database_url=database_url, broker_url=broker_url, **upstream, **overrides)
 
 
 def _prctl() -> Callable[..., int] | None:

@@ -27,14 +27,10 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Final, Self, TypeVar
 
-from app.api import CeleryEnqueue, create_app
-from app.config import Settings
-from app.db import dispose_engine
-from app.logging_setup import make_formatter
-from app.migrations import upgrade
 from harness.core._lifecycle import StartStop
 from harness.core.errors import SetupError
 from harness.core.runs import RunStore
+from harness.core.target import ApiSettings, default_target
 from harness.services import (
     ServiceMode,
     Services,
@@ -124,10 +120,10 @@ def runbook_curl_lines(port: int, token: str, run_id: int | str = ":run_id") -> 
 class _ApiLog:
     """Sends the API's loggers to one file while the stack runs, then puts them back."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, formatter: logging.Formatter) -> None:
         self.path = path
         self._handler = logging.FileHandler(path, encoding="utf-8")
-        self._handler.setFormatter(make_formatter())
+        self._handler.setFormatter(formatter)
         self._saved: list[tuple[logging.Logger, list[logging.Handler], int]] = []
 
     def install(self) -> None:
@@ -218,6 +214,7 @@ class FullStack(StartStop):
         self._log_dir_arg = log_dir
         self._worker_settings = dict(worker_settings or {})
         self._worker_start_timeout = worker_start_timeout
+        self._target = default_target()
 
         self._cleanups: list[tuple[str, Callable[[], None]]] = []
         self._used = False
@@ -413,30 +410,32 @@ class FullStack(StartStop):
             admin_url, name = services.postgres_admin_url, self._database_name
             url = create_database(admin_url, name)
             self._push(f"database {name}", lambda: drop_database(admin_url, name))
-        upgrade(url)
+        self._target.migrate_database(url)
         self._database_url = url
         return url
 
     def _start_api(
         self, database_url: str, broker_url: str, marketplace_url: str, queue: str
     ) -> None:
-        settings = Settings(
-            database_url=database_url,
-            broker_url=broker_url,
-            marketplace_url=marketplace_url,
-            api_tokens=";".join(f"{token}={scope}" for token, scope in self._tokens.items()),
+        app, release = self._target.api_factory()(
+            ApiSettings(
+                database_url=database_url,
+                broker_url=broker_url,
+                queue=queue,
+                upstream_url=marketplace_url,
+                tokens=self._tokens,
+            )
         )
-        app = create_app(settings, enqueue=CeleryEnqueue(broker_url, queue=queue))
         # Constructed before the log is installed: uvicorn's Config applies its own logging
         # configuration right here, which would otherwise replace ours.
         server = UvicornServer(app, self.host, self._port, log_level="info")
-        api_log = _ApiLog(self.log_dir / "api.log")
+        api_log = _ApiLog(self.log_dir / "api.log", self._target.logs.make_formatter())
         api_log.install()
         self._api_log = api_log
         self._push("the API log", api_log.uninstall)
-        # The API's requests use the process's engine (app.db) for this database: let it go
-        # with the API, so a dropped database leaves no pooled connection behind.
-        self._push("the API's database engine", dispose_engine)
+        # What the API holds for this database (the app's engine): let it go with the API, so a
+        # dropped database leaves no pooled connection behind.
+        self._push("the API's database engine", release)
         self._push("the API server", server.stop)
         try:
             server.start()

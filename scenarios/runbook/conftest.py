@@ -1,9 +1,9 @@
 """Fixtures for the automated runbook: one ``FullStack`` per loop mode, a browser, a page.
 
-A stack reuses the session's Postgres and Redis (``fixtures/db.py``) with a database of its
-own, so its run ids start at 1 and no other test's ``TRUNCATE`` reaches it; the tests of one
-mode share it (module scope, parametrized with ``scope="module"``), so each mode pays for one
-worker start, not one per test.
+A stack reuses the session's Postgres and Redis (the harness's ``services`` fixture) with a
+database of its own, so its run ids start at 1 and no other test's ``TRUNCATE`` reaches it; the
+tests of one mode share it (module scope, parametrized with ``scope="module"``), so each mode
+pays for one worker start, not one per test.
 """
 
 from __future__ import annotations
