@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -83,3 +84,30 @@ def test_loading_names_what_is_wrong() -> None:
     with pytest.raises(TargetError, match="not a harness Target"):
         load_target("app.config:Settings")
     assert load_target("fixtures.target:INGEST").runs.table == "ingest_runs"
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_a_target_in_a_checkout_puts_the_checkout_on_a_childs_path() -> None:
+    # fixtures/ and app/ are not installed (the wheel is harness alone): a worker or xdist
+    # process finds them only through PYTHONPATH.
+    target = load_target("fixtures.target:INGEST")
+    path = target.pythonpath("fixtures.target:INGEST", f"/elsewhere{os.pathsep}{ROOT}")
+    assert path is not None
+    assert path.split(os.pathsep) == [str(ROOT), "/elsewhere"]
+
+
+def test_a_target_of_installed_packages_adds_nothing_to_the_path() -> None:
+    target = _target(celery_app="celery.app:Celery", runner="asyncio:run", migrate="json:dumps")
+    assert target.import_roots("celery:Celery") == ()
+    assert target.pythonpath("celery:Celery", None) is None
+
+
+def test_a_bad_new_field_is_refused_naming_it() -> None:
+    with pytest.raises(TargetError, match=r"api must be 'package\.module:NAME'"):
+        _target(api="not a spec")
+    with pytest.raises(TargetError, match="upstream_url_env must start with T_"):
+        _target(upstream_url_env="MARKETPLACE_URL")
+    with pytest.raises(TargetError, match=r"columns lack \['project_id'\]"):
+        RunTable(table="jobs", columns=("id", "status"), insert={"project_id": 1})
