@@ -106,7 +106,7 @@ class TargetDatabases:
     def __init__(self, services: Services, request: pytest.FixtureRequest) -> None:
         self._services = services
         self._request = request
-        self._made: dict[str, str] = {}
+        self._made: dict[str, tuple[str, str]] = {}  # Target name -> (database, URL)
 
     def __call__(self, target: Target) -> str:
         if target == self._request.getfixturevalue("harness_target"):
@@ -114,13 +114,13 @@ class TargetDatabases:
         if target.name not in self._made:
             name = f"{target.name}_{secrets.token_hex(4)}"
             url = create_database(self._services.postgres_admin_url, name)
-            self._made[target.name] = url
+            self._made[target.name] = (name, url)
             target.migrate_database(url)
-        return self._made[target.name]
+        return self._made[target.name][1]
 
     def drop_all(self) -> None:
-        for url in self._made.values():
-            drop_database(self._services.postgres_admin_url, url.rsplit("/", 1)[-1])
+        for name, _ in self._made.values():
+            drop_database(self._services.postgres_admin_url, name)
         self._made.clear()
 
 
