@@ -248,7 +248,10 @@ build_images() {
     local work tarball
     work=$(mktemp -d "${TMPDIR:-/tmp}/ingest-harness-rootfs.XXXXXX")
     # shellcheck disable=SC2064 # expand now: the trap must remove this build's dir
-    trap "rm -rf '$work'" RETURN
+    trap "rm -rf '$work'; trap - INT TERM" RETURN
+    # ... also when the build is interrupted (Ctrl-C, a CI timeout's SIGTERM): ~800 MB of root.
+    # shellcheck disable=SC2064
+    trap "rm -rf '$work'; trap - INT TERM; kill -s TERM \$\$" INT TERM
     tarball="$DIR/standin-$SUITE.tar"
     if [ ! -s "$tarball" ]; then
         build_rootfs "$work/root"
