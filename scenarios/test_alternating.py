@@ -14,7 +14,7 @@ import pytest
 
 from harness.checks.assertions import assert_run_succeeded
 from harness.pytest.plugin import harness_config_key
-from harness.workers.farm import WorkerRuns, known_incompatibility
+from harness.workers.farm import WorkerRuns
 from harness.workers.loopmodes import LOOP_MODES
 from harness.workers.marketplace import MarketplaceServer
 from harness.workers.process import CeleryWorkerProcess
@@ -53,17 +53,8 @@ def test_modes_alternate_on_one_worker(
             record_property("run_duration_ms", run.row.duration_ms)
         done.append(run)
 
-    # A documented incompatibility (gevent with a running loop) is left out of the checks and
-    # reported as the test's skip reason once every other run has been checked.
-    known = {
-        run.run_id: reason
-        for run in done
-        if (reason := known_incompatibility(worker_pool[0], run.loop_mode, run.row.error_message))
-    }
     lines = pool_runs.lines()
     for run in done:
-        if run.run_id in known:
-            continue
         assert_run_succeeded(
             run.row, log=lines, project_id=PROJECT_ID, domain=DOMAIN, fetched=served
         )
@@ -73,10 +64,3 @@ def test_modes_alternate_on_one_worker(
         f"the {worker_pool[0]} worker was replaced during the runs (it died?): pid {pid} -> "
         f"{pool_worker.pid}, exit code {pool_worker.returncode}"
     )
-    if known:
-        skipped_modes = sorted({run.loop_mode for run in done if run.run_id in known})
-        reason = next(iter(known.values()))
-        pytest.skip(
-            f"{len(known)} of {len(done)} runs ({', '.join(skipped_modes)}) hit a {reason}; "
-            "the other runs succeeded"
-        )

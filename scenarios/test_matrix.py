@@ -16,7 +16,7 @@ from app.tasks.ingest import run_ingest
 from fixtures.worker import InProcessRuns
 from harness.checks.assertions import assert_celery_agrees, assert_run_failed, assert_run_succeeded
 from harness.core.runs import RunRow
-from harness.workers.farm import CompletedRun, WorkerRuns, known_incompatibility
+from harness.workers.farm import CompletedRun, WorkerRuns
 from harness.workers.loopmodes import IN_PROCESS, LOOP_MODES
 from harness.workers.marketplace import MarketplaceServer
 from scenarios.expect import DOMAIN, assert_prices_stored, assert_run_log, assert_shim_lines
@@ -74,12 +74,9 @@ def _check_failure(
 def _run(
     runs: WorkerRuns, cell: tuple[str, str, str], code: str, record_property: Any
 ) -> CompletedRun:
-    mode, pool, _ = cell
+    mode, _, _ = cell
     done = runs.run(mode, marketplace_code=code, project_id=PROJECT_ID)
     _record_duration(record_property, done.row)
-    reason = known_incompatibility(pool, mode, done.row.error_message)
-    if reason is not None:
-        pytest.skip(reason)
     return done
 
 

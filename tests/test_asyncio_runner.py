@@ -791,3 +791,44 @@ def test_same_checks_pass_for_run_async_safe(prop: str) -> None:
         _run_under_loop(lambda: PROPERTY_CHECKS[prop](run_async_safe))
     else:
         PROPERTY_CHECKS[prop](run_async_safe)
+
+
+_GEVENT_PROGRAM = """
+from gevent import monkey
+monkey.patch_all()
+import asyncio, threading, gevent
+from app.utils.asyncio_runner import run_async_safe
+
+async def job(n):
+    await asyncio.sleep(0.01)
+    return n, threading.get_native_id()
+
+async def under_a_running_loop(n):
+    return run_async_safe(job(n))
+
+values = [gevent.spawn(asyncio.run, under_a_running_loop(n)).get() for n in range(4)]
+assert [v[0] for v in values] == [0, 1, 2, 3], values
+main = threading.get_native_id()
+assert all(native != main for _, native in values), (main, values)
+print("ok")
+"""
+
+
+def test_under_gevent_the_running_loop_path_runs_on_a_real_os_thread() -> None:
+    # Under gevent's monkey-patching a threading.Thread is a greenlet on the caller's OS thread,
+    # where asyncio still sees the caller's running loop ("Cannot run the event loop while
+    # another loop is running"); the helper must be a real OS thread. In a process of its own:
+    # the patching cannot be undone.
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    done = subprocess.run(
+        [sys.executable, "-c", _GEVENT_PROGRAM],
+        cwd=Path(__file__).resolve().parent.parent,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]

@@ -14,6 +14,7 @@ import itertools
 import logging
 import os
 import queue
+import sys
 import threading
 from collections.abc import Callable, Coroutine, Mapping
 from typing import Any, Generic, TypeVar, cast
@@ -37,6 +38,63 @@ _CANCEL_GRACE_SECONDS = 5.0
 _IDLE_SECONDS = 0.2
 
 _thread_numbers = itertools.count(1)
+
+
+def _gevent_patched() -> Any:
+    """gevent's ``monkey`` module if it has patched ``threading`` in this process, else None.
+
+    Under the patching (Celery's ``-P gevent``) ``threading.Thread`` is a greenlet on the
+    caller's own OS thread, and its locks, events and queues are greenlet-cooperative. asyncio
+    tracks the running loop per OS thread, so a "helper thread" there still sees the caller's
+    running loop and its own loop refuses to start. The thread path then uses a real OS thread
+    and real locks, and waits cooperatively so that the other greenlets keep running.
+    """
+    monkey = sys.modules.get("gevent.monkey")
+    if monkey is not None and monkey.is_module_patched("threading"):
+        return monkey
+    return None
+
+
+class _NativeCallDone:
+    """``done`` of a call under gevent: set from the helper OS thread, awaited by a greenlet.
+
+    The helper wakes the caller's hub through ``run_callback_threadsafe`` (gevent's one
+    thread-safe way in), and the greenlet waits on a gevent Event, so only it waits.
+    """
+
+    def __init__(self) -> None:
+        import gevent
+        import gevent.event
+
+        self._event = gevent.event.Event()
+        self._loop = gevent.get_hub().loop
+        self._set = False
+
+    def set(self) -> None:
+        self._set = True
+        self._loop.run_callback_threadsafe(self._event.set)
+
+    def is_set(self) -> bool:
+        return self._set
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return bool(self._event.wait(timeout)) or self._set
+
+
+def _start_native_thread(monkey: Any, target: Callable[[], None]) -> None:
+    """``target`` on a new OS thread, whatever gevent has patched; its hub (if the call made
+    one for that thread) is destroyed when it ends, so no loop or descriptor is left behind."""
+    start_new_thread = monkey.get_original("_thread", "start_new_thread")
+
+    def main() -> None:
+        try:
+            target()
+        finally:
+            hub = sys.modules["gevent.hub"]._get_hub()
+            if hub is not None:
+                hub.destroy(destroy_loop=True)
+
+    start_new_thread(main, ())
 
 
 class _Helper(threading.Thread):
@@ -142,11 +200,19 @@ class _ThreadCall(Generic[T]):
         self._coro = coro
         self._ctx = ctx
         self._debug = debug
-        self._lock = threading.Lock()
+        monkey = _gevent_patched()
+        # A real lock either way: the helper is a real OS thread (held only for a transition).
+        self._lock: Any = (
+            threading.Lock()
+            if monkey is None
+            else monkey.get_original("_thread", "allocate_lock")()
+        )
         self._state = _PENDING
         self._task: asyncio.Task[T] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self.done = threading.Event()
+        self.done: threading.Event | _NativeCallDone = (
+            threading.Event() if monkey is None else _NativeCallDone()
+        )
         self.result: T | None = None
         self.error: BaseException | None = None
 
@@ -204,8 +270,13 @@ def _run_in_helper_thread(coro: Coroutine[Any, Any, T], debug: bool) -> T:
     # empty context, which is how executor-based runners lose request/run ids.
     call = _ThreadCall(coro, contextvars.copy_context(), debug)
     try:
-        # A thread of its own for this call (see _HelperThreads), with a fresh loop.
-        _helpers.submit(call.thread_main)
+        # A thread of its own for this call (see _HelperThreads), with a fresh loop; under
+        # gevent a real OS thread, started for the call (see _gevent_patched).
+        monkey = _gevent_patched()
+        if monkey is None:
+            _helpers.submit(call.thread_main)
+        else:
+            _start_native_thread(monkey, call.thread_main)
         # Wait on our own Event: it wakes as soon as the call is done, and a signal handler's
         # exception (Celery's soft time limit) interrupts the wait promptly.
         while not call.done.wait(_POLL_SECONDS):

@@ -38,8 +38,6 @@ from harness.workers.process import CeleryWorkerProcess, app_env, mask_secrets
 
 __all__ = [
     "CONCURRENCY",
-    "GEVENT_RUNNING_LOOP_ERROR",
-    "GEVENT_RUNNING_LOOP_REASON",
     "HTTP_RETRY_BACKOFF_S",
     "WARMUP_CODE_PREFIX",
     "WARMUP_PROJECT_ID",
@@ -50,7 +48,6 @@ __all__ = [
     "WorkerDeath",
     "WorkerFarm",
     "WorkerRuns",
-    "known_incompatibility",
 ]
 
 logger = logging.getLogger("harness.farm")
@@ -66,37 +63,10 @@ _HTTP_RETRIES: Final = "2"
 HTTP_RETRY_BACKOFF_S: Final = "0.001"
 _STOP_TIMEOUT_S: Final = 10.0
 
-# Measured (docs/harness.md, "gevent"): with gevent's monkey-patching, threading.Thread starts a
-# greenlet on the calling OS thread, while asyncio records the running loop per OS thread; so
-# run_async_safe's helper "thread" still sees the task's running loop and its new loop refuses
-# to start. no_loop and idle_loop are unaffected (no loop is running there).
-GEVENT_RUNNING_LOOP_ERROR: Final = (
-    "RuntimeError: Cannot run the event loop while another loop is running"
-)
-GEVENT_RUNNING_LOOP_REASON: Final = (
-    "gevent: known incompatibility: under gevent's monkey-patching run_async_safe's helper "
-    "thread is a greenlet on the task's own OS thread, and asyncio tracks the running loop per "
-    "OS thread, so the helper's loop refuses to start (" + GEVENT_RUNNING_LOOP_ERROR + ")"
-)
 # The warm-up runs' rows: a project and marketplace codes no scenario uses.
 WARMUP_PROJECT_ID: Final = 0
 WARMUP_CODE_PREFIX: Final = "harness-warmup-"
 _EVIDENCE_LOG_LINES: Final = 80
-
-
-def known_incompatibility(pool: str, loop_mode: str, error_message: str | None) -> str | None:
-    """Why a run failed, if it failed exactly as a documented incompatibility of its cell.
-
-    Only the exact error in the exact cell counts: anything else is a real failure, and a
-    run that succeeds (the incompatibility fixed) is simply a pass.
-    """
-    if (
-        pool == "gevent"
-        and loop_mode in ("running_loop", "running_uvloop")
-        and error_message == GEVENT_RUNNING_LOOP_ERROR
-    ):
-        return GEVENT_RUNNING_LOOP_REASON
-    return None
 
 
 class BrokerUnavailable(SetupError):
