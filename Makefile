@@ -50,8 +50,9 @@ lint: $(STAMP)
 test: setup lint test-main test-docker
 
 # worksteal: the other xdist worker takes over tests queued behind a long one (the pre-fix proof).
+# --pool all: the gevent cells and the in-flight runs on gevent are part of every test run.
 test-main: setup
-	HARNESS_SERVICES=$(TEST_SERVICES) $(VENV)/bin/pytest -n 2 --dist worksteal -m "not docker" $(PYTEST_ARGS)
+	HARNESS_SERVICES=$(TEST_SERVICES) $(VENV)/bin/pytest -n 2 --dist worksteal -m "not docker" --pool all $(PYTEST_ARGS)
 
 # Runs only where a Docker engine answers; says so and passes where none does.
 test-docker: setup

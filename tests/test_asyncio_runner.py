@@ -796,29 +796,59 @@ def test_same_checks_pass_for_run_async_safe(prop: str) -> None:
 _GEVENT_PROGRAM = """
 from gevent import monkey
 monkey.patch_all()
-import asyncio, threading, gevent
+import asyncio, os, time, gevent
 from app.utils.asyncio_runner import run_async_safe
 
-async def job(n):
-    await asyncio.sleep(0.01)
-    return n, threading.get_native_id()
+N = 8
+seen = {}
+
+async def ticks(n):
+    for i in range(3):
+        # The loop waits, gevent switches to the other greenlets, and their loops end at other
+        # times than this one: a generator registered with another's loop would be closed by
+        # that loop's shutdown while this one still iterates it.
+        await asyncio.sleep(0.02 * (n % 3 + 1))
+        yield i
+
+async def job(n, caller_loop):
+    try:
+        import _no_such_module_  # what httpcore does on every call without sniffio
+    except ImportError:
+        pass
+    loop = asyncio.get_running_loop()
+    assert loop is not caller_loop, n
+    got = [i async for i in ticks(n)]  # an async generator, as httpx streams a body
+    assert asyncio.get_running_loop() is loop, n
+    seen[n] = len(os.listdir("/proc/self/task"))
+    return n, got
 
 async def under_a_running_loop(n):
-    return run_async_safe(job(n))
+    return run_async_safe(job(n, asyncio.get_running_loop()))
 
-values = [gevent.spawn(asyncio.run, under_a_running_loop(n)).get() for n in range(4)]
-assert [v[0] for v in values] == [0, 1, 2, 3], values
-main = threading.get_native_id()
-assert all(native != main for _, native in values), (main, values)
+def call(n):
+    if n % 2:
+        return asyncio.run(under_a_running_loop(n))
+    return run_async_safe(job(n, None))
+
+start = time.monotonic()
+greenlets = [gevent.spawn(call, n) for n in range(N)]
+gevent.joinall(greenlets, timeout=30, raise_error=True)
+took = time.monotonic() - start
+assert [g.value for g in greenlets] == [(n, [0, 1, 2]) for n in range(N)], greenlets
+assert took < N * 0.15, f"the calls waited for each other: {took:.2f} s"
+assert set(seen.values()) == {1}, f"OS threads during the calls: {seen}"
 print("ok")
 """
 
 
-def test_under_gevent_the_running_loop_path_runs_on_a_real_os_thread() -> None:
-    # Under gevent's monkey-patching a threading.Thread is a greenlet on the caller's OS thread,
-    # where asyncio still sees the caller's running loop ("Cannot run the event loop while
-    # another loop is running"); the helper must be a real OS thread. In a process of its own:
-    # the patching cannot be undone.
+def test_under_gevent_calls_in_flight_at_once_each_run_on_their_own_loop() -> None:
+    # Under gevent's monkey-patching every task is a greenlet on one OS thread, where asyncio
+    # keeps one running loop and one set of async generator hooks: without the runner's
+    # per-greenlet tracking a task sees another's loop, the helper's loop cannot start, or a
+    # loop's shutdown closes another task's generator. Several calls at once, half of them
+    # from a running loop, must each get a loop of their own, overlap, and start no OS thread
+    # (a real OS thread shares gevent's patched import and logging locks, whose wake-ups gevent
+    # loses across threads). In a process of its own: the patching cannot be undone.
     import subprocess
     import sys
     from pathlib import Path
@@ -831,4 +861,4 @@ def test_under_gevent_the_running_loop_path_runs_on_a_real_os_thread() -> None:
         timeout=60,
         check=False,
     )
-    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+    assert (done.returncode, done.stdout.strip(), done.stderr) == (0, "ok", ""), done.stderr[-3000:]

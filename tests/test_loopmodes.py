@@ -264,6 +264,65 @@ def test_nothing_can_be_forced_inside_a_running_loop() -> None:
         runner.run(main())
 
 
+_SHARED_LOOP_PROGRAM = """
+from gevent import monkey
+monkey.patch_all()
+import asyncio, logging, sys, gevent
+from harness.workers.loopmodes import run_in_mode
+
+logging.basicConfig(stream=sys.stdout, format="%(name)s %(levelname)s %(message)s", level=10)
+seen = {}
+
+def body(name):
+    try:
+        seen[name] = asyncio.get_running_loop() is not None
+    except RuntimeError:
+        seen[name] = False
+    gevent.sleep(0.1)  # in flight: the other greenlet starts meanwhile
+    return name
+
+# The app under test tracks no loop per greenlet (nothing of the service is imported): the
+# first run's loop is running, and visible, while the second run starts.
+first = gevent.spawn(run_in_mode, "running_loop", body, "first", run_id=1)
+gevent.sleep(0.02)
+others = [gevent.spawn(run_in_mode, mode, body, mode, run_id=n)
+          for n, mode in enumerate(["no_loop", "idle_loop", "running_loop"], start=2)]
+gevent.joinall([first, *others], raise_error=True)
+print("values", [g.value for g in [first, *others]])
+print("seen", seen)
+"""
+
+
+def test_under_gevent_a_run_started_under_another_greenlets_loop_says_so() -> None:
+    # Runs in flight under gevent share their OS thread's running loop unless the app tracks
+    # one per greenlet: the shim cannot hide it, so it must say so (the scenarios then expect
+    # the runner to detect a loop) instead of failing the run or hanging. A process of its own:
+    # the patching cannot be undone.
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    done = subprocess.run(
+        [sys.executable, "-c", _SHARED_LOOP_PROGRAM],
+        cwd=Path(__file__).resolve().parent.parent,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = done.stdout.splitlines()
+    assert "values ['first', 'no_loop', 'idle_loop', 'running_loop']" in out, done.stdout
+    seen = "seen {'first': True, 'no_loop': True, 'idle_loop': True, 'running_loop': True}"
+    assert seen in out, done.stdout
+    shared = [line for line in out if "shared running loop for run" in line]
+    assert shared == [
+        f"harness.loopmodes WARNING shared running loop for run {n}: another greenlet's loop "
+        "runs on this OS thread"
+        for n in (2, 3, 4)
+    ], done.stdout
+
+
 def test_mode_comes_from_the_message_header_as_the_worker_builds_the_request() -> None:
     # The worker builds task.request from the message headers, custom ones included
     # (celery.worker.request.Request -> celery.app.trace: Context(request_dict)).

@@ -16,6 +16,7 @@ import os
 import queue
 import sys
 import threading
+import weakref
 from collections.abc import Callable, Coroutine, Mapping
 from typing import Any, Generic, TypeVar, cast
 
@@ -41,60 +42,60 @@ _thread_numbers = itertools.count(1)
 
 
 def _gevent_patched() -> Any:
-    """gevent's ``monkey`` module if it has patched ``threading`` in this process, else None.
-
-    Under the patching (Celery's ``-P gevent``) ``threading.Thread`` is a greenlet on the
-    caller's own OS thread, and its locks, events and queues are greenlet-cooperative. asyncio
-    tracks the running loop per OS thread, so a "helper thread" there still sees the caller's
-    running loop and its own loop refuses to start. The thread path then uses a real OS thread
-    and real locks, and waits cooperatively so that the other greenlets keep running.
-    """
+    """gevent's ``monkey`` module if it has patched ``threading`` in this process, else None."""
     monkey = sys.modules.get("gevent.monkey")
     if monkey is not None and monkey.is_module_patched("threading"):
         return monkey
     return None
 
 
-class _NativeCallDone:
-    """``done`` of a call under gevent: set from the helper OS thread, awaited by a greenlet.
+def _running_loop_per_greenlet() -> None:
+    """Make asyncio's running loop follow the greenlet, not the OS thread, in this thread.
 
-    The helper wakes the caller's hub through ``run_callback_threadsafe`` (gevent's one
-    thread-safe way in), and the greenlet waits on a gevent Event, so only it waits.
+    Under gevent's patching (Celery's ``-P gevent``) tasks are greenlets on one OS thread, a
+    ``threading.Thread`` is a greenlet too, and asyncio keeps the running loop per OS thread.
+    A loop that waits for I/O switches to the hub, so every other greenlet then sees it as its
+    own running loop: a task that has no loop takes the thread path, and the helper's fresh
+    loop refuses to start ("Cannot run the event loop while another loop is running").
+
+    A greenlet trace function, chained to any that was set before, saves the running loop (and
+    the loop's async generator hooks, also kept per OS thread) of the greenlet switched away
+    from and restores those of the greenlet switched to. Each greenlet then has the running loop
+    asyncio would give a thread, and the helper "thread" can stay a greenlet. A real OS thread
+    instead would share the patched locks (the import system's module locks, logging's) with the
+    greenlets, and gevent loses wake-ups on locks waited for across OS threads: with several
+    runs in flight some hung for good.
     """
+    import greenlet
 
-    def __init__(self) -> None:
-        import gevent
-        import gevent.event
+    previous = greenlet.gettrace()
+    if getattr(previous, "_run_async_safe", False):
+        return
+    # Not asyncio.get_running_loop(): the tracer runs on every switch and must not raise.
+    get_loop = asyncio.events._get_running_loop
+    set_loop = asyncio.events._set_running_loop
+    # What a running loop keeps per thread: itself and its async generator hooks (a generator
+    # first iterated under another greenlet's hooks would be closed by that loop's shutdown).
+    states: weakref.WeakKeyDictionary[Any, tuple[Any, Any, Any]] = weakref.WeakKeyDictionary()
+    none: tuple[Any, Any, Any] = (None, None, None)
 
-        self._event = gevent.event.Event()
-        self._loop = gevent.get_hub().loop
-        self._set = False
+    def trace(event: str, args: tuple[Any, Any]) -> None:
+        if event in ("switch", "throw"):
+            origin, target = args
+            hooks = sys.get_asyncgen_hooks()
+            state = (get_loop(), hooks.firstiter, hooks.finalizer)
+            if state == none:
+                states.pop(origin, None)
+            else:
+                states[origin] = state
+            loop, firstiter, finalizer = states.get(target, none)
+            set_loop(loop)
+            sys.set_asyncgen_hooks(firstiter=firstiter, finalizer=finalizer)
+        if previous is not None:
+            previous(event, args)
 
-    def set(self) -> None:
-        self._set = True
-        self._loop.run_callback_threadsafe(self._event.set)
-
-    def is_set(self) -> bool:
-        return self._set
-
-    def wait(self, timeout: float | None = None) -> bool:
-        return bool(self._event.wait(timeout)) or self._set
-
-
-def _start_native_thread(monkey: Any, target: Callable[[], None]) -> None:
-    """``target`` on a new OS thread, whatever gevent has patched; its hub (if the call made
-    one for that thread) is destroyed when it ends, so no loop or descriptor is left behind."""
-    start_new_thread = monkey.get_original("_thread", "start_new_thread")
-
-    def main() -> None:
-        try:
-            target()
-        finally:
-            hub = sys.modules["gevent.hub"]._get_hub()
-            if hub is not None:
-                hub.destroy(destroy_loop=True)
-
-    start_new_thread(main, ())
+    trace._run_async_safe = True  # type: ignore[attr-defined]
+    greenlet.settrace(trace)
 
 
 class _Helper(threading.Thread):
@@ -157,6 +158,9 @@ class _HelperThreads:
 
 
 _helpers = _HelperThreads()
+if _gevent_patched() is not None:
+    # Before any task can start a loop: Celery patches before it imports the app's tasks.
+    _running_loop_per_greenlet()
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_helpers.forget_after_fork)
 
@@ -200,19 +204,11 @@ class _ThreadCall(Generic[T]):
         self._coro = coro
         self._ctx = ctx
         self._debug = debug
-        monkey = _gevent_patched()
-        # A real lock either way: the helper is a real OS thread (held only for a transition).
-        self._lock: Any = (
-            threading.Lock()
-            if monkey is None
-            else monkey.get_original("_thread", "allocate_lock")()
-        )
+        self._lock = threading.Lock()
         self._state = _PENDING
         self._task: asyncio.Task[T] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self.done: threading.Event | _NativeCallDone = (
-            threading.Event() if monkey is None else _NativeCallDone()
-        )
+        self.done = threading.Event()
         self.result: T | None = None
         self.error: BaseException | None = None
 
@@ -271,12 +267,8 @@ def _run_in_helper_thread(coro: Coroutine[Any, Any, T], debug: bool) -> T:
     call = _ThreadCall(coro, contextvars.copy_context(), debug)
     try:
         # A thread of its own for this call (see _HelperThreads), with a fresh loop; under
-        # gevent a real OS thread, started for the call (see _gevent_patched).
-        monkey = _gevent_patched()
-        if monkey is None:
-            _helpers.submit(call.thread_main)
-        else:
-            _start_native_thread(monkey, call.thread_main)
+        # gevent a greenlet, with a running loop of its own (see _running_loop_per_greenlet).
+        _helpers.submit(call.thread_main)
         # Wait on our own Event: it wakes as soon as the call is done, and a signal handler's
         # exception (Celery's soft time limit) interrupts the wait promptly.
         while not call.done.wait(_POLL_SECONDS):
@@ -323,6 +315,8 @@ def run_async_safe(
     if not isinstance(obj, Coroutine):
         raise _not_a_coroutine(obj)
 
+    if _gevent_patched() is not None:
+        _running_loop_per_greenlet()  # once per OS thread; it may have started a hub since
     try:
         running_loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
     except RuntimeError:

@@ -17,7 +17,9 @@ from harness.core.logs import (
     COMPLETED_TEMPLATE,
     FAILED_TEMPLATE,
     FORBIDDEN_TEXT,
+    SHARED_LOOP_RE,
     STARTING_TEMPLATE,
+    STRATEGY_THREAD_POOL,
     LogLine,
     find_forbidden,
     harness_lines,
@@ -245,9 +247,15 @@ def assert_loop_log(
 ) -> None:
     """The runbook's step 3: one runner line for the run with the mode's expected strategy, then
     ``Starting run N`` before ``Run N completed successfully`` (or ``Run N failed: ...``), and the
-    pre-fix error nowhere in the log (``forbidden_anywhere``, default: ``lines``)."""
+    pre-fix error nowhere in the log (``forbidden_anywhere``, default: ``lines``).
+
+    A run that the shim saw start under another greenlet's running loop (gevent, several runs
+    in flight: ``SHARED_LOOP_TEMPLATE``) is in the running-loop condition whatever its mode, so
+    the runner must have detected the loop and used the thread pool."""
     problems: list[str] = []
     detected, strategy = expected_runner_line(mode)
+    if any(SHARED_LOOP_RE.match(line.headline) for line in harness_lines(lines, run_id)):
+        detected, strategy = True, STRATEGY_THREAD_POOL
     want_runner = (
         f"run_async_safe: detected_running_loop={detected}, using {strategy} "
         f"(context: {{'run_id': {run_id}, 'job_code': {job_code!r}}})"

@@ -32,6 +32,8 @@ __all__ = [
     "RUNNER_LOGGER",
     "RUNNER_RE",
     "RUNNER_TEMPLATE",
+    "SHARED_LOOP_RE",
+    "SHARED_LOOP_TEMPLATE",
     "STALLING_LINE",
     "STARTING_RE",
     "STARTING_TEMPLATE",
@@ -96,6 +98,15 @@ LOOP_MODE_RE: Final = re.compile(
 IDLE_CHECK_OK_TEMPLATE: Final = "idle loop check for run {run_id}: still set and open"
 IDLE_CHECK_FAILED_TEMPLATE: Final = (
     "idle loop check for run {run_id}: replaced or closed ({detail})"
+)
+# Under gevent, greenlets share their OS thread's running loop (asyncio keeps it per OS thread):
+# with several runs in flight, a run can start while another run's loop is running and visible.
+# The shim cannot clear it, so it says so, and the run is then in the running-loop condition.
+SHARED_LOOP_TEMPLATE: Final = (
+    "shared running loop for run {run_id}: another greenlet's loop runs on this OS thread"
+)
+SHARED_LOOP_RE: Final = re.compile(
+    r"^shared running loop for run (?P<run_id>\S+): another greenlet's loop runs on this OS thread$"
 )
 IDLE_CHECK_RE: Final = re.compile(
     r"^idle loop check for run (?P<run_id>\S+): "
@@ -255,12 +266,12 @@ def trace_lines(lines: Iterable[LogLine], task_id: str) -> list[LogLine]:
 
 
 def harness_lines(lines: Iterable[LogLine], run_id: int) -> list[LogLine]:
-    """The shim's lines (loop mode, idle loop check) for one run."""
+    """The shim's lines (loop mode, shared running loop, idle loop check) for one run."""
     selected = []
     for line in lines:
         if line.logger != HARNESS_LOGGER:
             continue
-        for pattern in (LOOP_MODE_RE, IDLE_CHECK_RE):
+        for pattern in (LOOP_MODE_RE, SHARED_LOOP_RE, IDLE_CHECK_RE):
             match = pattern.match(line.headline)
             if match is not None and match["run_id"] == str(run_id):
                 selected.append(line)

@@ -54,7 +54,7 @@ logger = logging.getLogger("harness.farm")
 
 # Enough for the pool to be itself (prefork forks children, threads and gevent run several
 # tasks side by side), small enough for a 2-core machine running two xdist workers.
-CONCURRENCY: Final[Mapping[str, int]] = {"prefork": 2, "solo": 1, "threads": 4, "gevent": 4}
+CONCURRENCY: Final[Mapping[str, int]] = {"prefork": 2, "solo": 1, "threads": 4, "gevent": 8}
 # A failing run retries the marketplace twice, 1 ms then 2 ms apart: the "keeps failing past
 # the retries" scenario checks the attempts, the status and the lines, not the backoff's
 # length, and then costs about what a successful run does (with the service's default of

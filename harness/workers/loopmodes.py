@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 from collections.abc import Callable, Mapping
 from typing import Any, Final, TypeVar
 
@@ -18,6 +19,7 @@ from harness.core.errors import UsageError
 from harness.core.logs import (
     IDLE_CHECK_FAILED_TEMPLATE,
     IDLE_CHECK_OK_TEMPLATE,
+    SHARED_LOOP_TEMPLATE,
     STRATEGY_ASYNCIO_RUN,
     STRATEGY_THREAD_POOL,
 )
@@ -102,6 +104,14 @@ def _running_loop() -> asyncio.AbstractEventLoop | None:
         return None
 
 
+def _greenlets_share_the_thread() -> bool:
+    """True under gevent's patching of ``threading`` (Celery's ``-P gevent``): tasks are then
+    greenlets on one OS thread, and asyncio's running loop is per OS thread, so a task sees the
+    running loop of any other task that is waiting inside its own."""
+    monkey = sys.modules.get("gevent.monkey")
+    return monkey is not None and bool(monkey.is_module_patched("threading"))
+
+
 def _idle_loop_state(loop: asyncio.AbstractEventLoop) -> str | None:
     """``None`` if ``loop`` is still this thread's loop and open, else what happened to it."""
     if loop.is_closed():
@@ -135,17 +145,30 @@ def run_in_mode(mode: str, fn: Callable[..., T], *args: Any, run_id: object = No
       running on a fresh asyncio / uvloop loop in this thread.
 
     Every mode leaves the thread with no loop set, the worker thread's normal state.
-    ``run_id`` only labels the idle loop check's line.
+    ``run_id`` only labels the shim's lines.
+
+    Under gevent, another run's loop can be running and visible when this run starts (see
+    :func:`_greenlets_share_the_thread`): that is logged as a warning
+    (``SHARED_LOOP_TEMPLATE``) and the run proceeds in it, so the runner must detect a
+    running loop whatever the mode. Anywhere else a running loop is a :class:`LoopModeError`.
     """
     selected = parse_loop_mode(mode)
-    if _running_loop() is not None:
+    label = run_id if run_id is not None else getattr(fn, "__qualname__", repr(fn))
+    shared = _running_loop() is not None
+    if shared and not _greenlets_share_the_thread():
         # Nothing can be forced from here: the caller's loop would stay running around fn.
         raise LoopModeError(
             f"cannot force {selected.value}: an event loop is already running in this thread; "
             "call run_in_mode from synchronous code (for the running-loop case under "
             f"pytest-asyncio, use the {IN_PROCESS} cell instead)"
         )
-    label = run_id if run_id is not None else getattr(fn, "__qualname__", repr(fn))
+    if shared:
+        # Another greenlet's loop, and nothing here can hide it: the run is in the running-loop
+        # condition whatever was asked. A loop of its own could not even start ("Cannot run the
+        # event loop while another loop is running"), so the running modes call fn as it is.
+        logger.warning(SHARED_LOOP_TEMPLATE.format(run_id=label))
+        if selected in (LoopMode.RUNNING_LOOP, LoopMode.RUNNING_UVLOOP):
+            return fn(*args)
 
     if selected is LoopMode.NO_LOOP:
         asyncio.set_event_loop(None)
