@@ -20,6 +20,7 @@ from harness.core.logs import (
     FAILED_TEMPLATE,
     FORBIDDEN_TEXT,
     IDLE_CHECK_OK_TEMPLATE,
+    JOB_FAULT_TEMPLATE,
     LOOP_MODE_TEMPLATE,
     SHARED_LOOP_TEMPLATE,
     STARTING_TEMPLATE,
@@ -100,15 +101,23 @@ def assert_prices_stored(
 
 
 def assert_shim_lines(
-    lines: Sequence[LogLine], run_id: int, mode: str, *, shared_loop_allowed: bool = False
+    lines: Sequence[LogLine],
+    run_id: int,
+    mode: str,
+    *,
+    shared_loop_allowed: bool = False,
+    job_fault: str | None = None,
 ) -> None:
     """The harness's own lines for the run: the mode it forced, and for ``idle_loop`` that the
     thread's idle loop was still set and open after the run (the runner must not clobber it).
 
     ``shared_loop_allowed``: runs in flight at once under gevent may start while another run's
     loop runs on their OS thread; the shim's line that says so is then accepted, never required.
-    Everywhere else it is a failure: one run at a time must see the mode it asked for."""
+    Everywhere else it is a failure: one run at a time must see the mode it asked for.
+    ``job_fault``: the fault the run's job was asked to raise (its line follows the mode's)."""
     want = [LOOP_MODE_TEMPLATE.format(run_id=run_id, mode=mode, source=_HEADER_SOURCE)]
+    if job_fault is not None:
+        want.append(JOB_FAULT_TEMPLATE.format(run_id=run_id, fault=job_fault))
     shared = SHARED_LOOP_TEMPLATE.format(run_id=run_id)
     if shared_loop_allowed and shared in [line.headline for line in harness_lines(lines, run_id)]:
         want.append(shared)

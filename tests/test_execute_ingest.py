@@ -5,6 +5,7 @@ The row and the log lines are asserted together, as the runbook's steps 3 and 4 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import signal
 import threading
@@ -15,7 +16,7 @@ from typing import Any
 
 import psycopg2
 import pytest
-from celery.exceptions import SoftTimeLimitExceeded
+from celery.exceptions import SoftTimeLimitExceeded, WorkerShutdown, WorkerTerminate
 from sqlalchemy import Connection, create_engine, event, text
 
 from app.api.store import mark_enqueue_failed
@@ -261,6 +262,47 @@ def test_database_errors_keep_only_the_drivers_message() -> None:
     text = describe_error(exc, 2000)
     assert text == "OperationalError: server closed the connection unexpectedly"
     assert "SECRET-SKU" not in text and "INSERT" not in text
+
+
+@pytest.mark.parametrize(
+    ("exc", "text"),
+    [
+        (asyncio.CancelledError(), "CancelledError: the job was cancelled"),
+        (
+            asyncio.CancelledError("by the pool"),
+            "CancelledError: the job was cancelled (by the pool)",
+        ),
+        (SystemExit(3), "SystemExit: the job called sys.exit(3)"),
+        (SystemExit("bye"), "SystemExit: the job called sys.exit('bye')"),
+        (KeyboardInterrupt(), "KeyboardInterrupt: the job was interrupted (SIGINT)"),
+        (WorkerTerminate(1), "WorkerTerminate: the worker was shut down while the run ran"),
+        (WorkerShutdown(0), "WorkerShutdown: the worker was shut down while the run ran"),
+    ],
+)
+def test_what_is_not_an_exception_is_described_in_words(exc: BaseException, text: str) -> None:
+    """A BaseException's own text is empty or a bare exit code: error_message says what it was."""
+    from app.tasks.ingest import describe_error
+
+    assert describe_error(exc, 2000) == text
+
+
+def test_an_error_raised_by_celerys_shutdown_handler_says_the_worker_was_shut_down() -> None:
+    from app.tasks.ingest import describe_error
+
+    # As Celery 5.7's solo pool does from celery.apps.worker's cold shutdown handler.
+    namespace: dict[str, object] = {"__name__": "celery.apps.worker"}
+    exec("def handler():\n    raise NotImplementedError('does not implement kill_job')", namespace)
+    try:
+        namespace["handler"]()  # type: ignore[operator]
+    except NotImplementedError as exc:
+        text = describe_error(exc, 2000)
+    assert text == (
+        "the worker was shut down while the run ran (NotImplementedError: does not implement "
+        "kill_job)"
+    )
+    assert describe_error(NotImplementedError("elsewhere"), 2000) == (
+        "NotImplementedError: elsewhere"
+    )
 
 
 def _terminate(admin_url: str, pid: int) -> None:

@@ -7,6 +7,7 @@ that is not ``queued`` is never executed again, so a redelivered message is a no
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
@@ -15,7 +16,7 @@ from datetime import datetime
 from typing import Any, Final
 
 from billiard.exceptions import WorkerLostError
-from celery.exceptions import SoftTimeLimitExceeded
+from celery.exceptions import SoftTimeLimitExceeded, WorkerShutdown, WorkerTerminate
 from celery.worker.request import Request
 from sqlalchemy import update
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
@@ -38,12 +39,27 @@ _FINISH_BACKOFF_S: Final = 0.2
 
 @dataclass(frozen=True, slots=True)
 class RunOutcome:
-    """What one execution did: ``skipped`` when the run was not ``queued``."""
+    """What one execution did: ``skipped`` when the run was not ``queued``, ``superseded`` when
+    it was finished by someone else (unlock_stale_runs) before the job ended."""
 
     run_id: int
     status: str
     stats: dict[str, Any] | None = None
     error_message: str | None = None
+
+
+_SHUT_DOWN: Final = "the worker was shut down while the run ran"
+# Where Celery's worker handles SIGINT, SIGTERM and SIGQUIT.
+_SHUTDOWN_MODULE: Final = "celery.apps.worker"
+
+
+def _raised_by_worker_shutdown(exc: BaseException) -> bool:
+    tb = exc.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_globals.get("__name__") == _SHUTDOWN_MODULE:
+            return True
+        tb = tb.tb_next
+    return False
 
 
 def describe_error(exc: BaseException, max_len: int | None = None) -> str:
@@ -54,6 +70,19 @@ def describe_error(exc: BaseException, max_len: int | None = None) -> str:
             "SoftTimeLimitExceeded: the run timed out: it passed Celery's soft time limit "
             "and was stopped"
         )
+    elif isinstance(exc, WorkerShutdown | WorkerTerminate):
+        text = f"{type(exc).__name__}: {_SHUT_DOWN}"
+    elif _raised_by_worker_shutdown(exc):
+        # Celery's cold shutdown raises in the task's thread whatever its pool does: the solo
+        # pool's "does not implement kill_job", for one. Say what happened, then what was raised.
+        text = f"{_SHUT_DOWN} ({type(exc).__name__}: {str(exc).strip()})"
+    elif isinstance(exc, SystemExit):
+        text = f"SystemExit: the job called sys.exit({exc.code!r})"
+    elif isinstance(exc, KeyboardInterrupt):
+        text = "KeyboardInterrupt: the job was interrupted (SIGINT)"
+    elif isinstance(exc, asyncio.CancelledError):
+        message = str(exc).strip()
+        text = "CancelledError: the job was cancelled" + (f" ({message})" if message else "")
     elif isinstance(exc, DBAPIError) and exc.orig is not None:
         # SQLAlchemy's own text carries the statement and its parameters (the rows' data);
         # the API and the UI show error_message, so keep only the driver's message.
@@ -97,8 +126,10 @@ def _current_status(run_id: int) -> str | None:
     return None if row is None else str(row.status)
 
 
-def _finish(run_id: int, status: str, *, stats: dict[str, Any] | None, error: str | None) -> None:
-    """Write the terminal state, retrying so a dropped connection never leaves it ``running``."""
+def _finish(run_id: int, status: str, *, stats: dict[str, Any] | None, error: str | None) -> bool:
+    """Write the terminal state, retrying so a dropped connection never leaves it ``running``.
+
+    False when the run was no longer ``running`` (somebody else finished it): nothing written."""
     last: SQLAlchemyError | None = None
     for attempt in range(1, _FINISH_ATTEMPTS + 1):
         finished_at = utcnow()
@@ -114,8 +145,13 @@ def _finish(run_id: int, status: str, *, stats: dict[str, Any] | None, error: st
                 ).scalar_one_or_none()
                 if started is None:
                     # Somebody else finished it (unlock_stale_runs): never overwrite that.
-                    logger.warning("Run %s was no longer running when it finished", run_id)
-                    return
+                    logger.warning(
+                        "Run %s was no longer running when it finished: its end (%s) is not "
+                        "recorded, the row keeps what finished it first",
+                        run_id,
+                        status,
+                    )
+                    return False
                 conn.execute(
                     update(IngestRun)
                     .where(IngestRun.id == run_id)
@@ -128,7 +164,7 @@ def _finish(run_id: int, status: str, *, stats: dict[str, Any] | None, error: st
                         heartbeat_at=finished_at,
                     )
                 )
-            return
+            return True
         except SQLAlchemyError as exc:
             last = exc
         logger.warning(
@@ -206,13 +242,21 @@ def run_ingest(run_id: int, *, celery_task_id: str | None = None) -> RunOutcome:
             )
     except BaseException as exc:
         error = describe_error(exc, settings.error_message_max_len)
-        _finish(run_id, "failed", stats=None, error=error)
-        logger.error("Run %s failed: %s", run_id, error)
-        if not isinstance(exc, Exception):
-            raise  # KeyboardInterrupt, SystemExit: the row is finished, the process may go
+        if _finish(run_id, "failed", stats=None, error=error):
+            logger.error("Run %s failed: %s", run_id, error)
+        if isinstance(exc, WorkerShutdown | WorkerTerminate):
+            raise  # Celery stopping its worker: the row is finished, the worker may go
+        # Anything else, BaseException or not (CancelledError, a library's sys.exit(), a
+        # KeyboardInterrupt raised in the job), is the job's failure, and the task says so as
+        # for any other: re-raised, it would kill a prefork child (its message is delivered
+        # again) and crash a solo worker outright (Celery 5.7's apply_target hands the
+        # BaseException to on_success, which raises TypeError).
         return RunOutcome(run_id=run_id, status="failed", error_message=error)
 
-    _finish(run_id, "success", stats=stats, error=None)
+    if not _finish(run_id, "success", stats=stats, error=None):
+        # Unlocked meanwhile (unlock_stale_runs): its row stays as the unlock left it, and no
+        # line says "completed", which would promise a success row.
+        return RunOutcome(run_id=run_id, status="superseded", stats=stats)
     logger.info("Run %s completed successfully", run_id)
     return RunOutcome(run_id=run_id, status="success", stats=stats)
 
@@ -227,8 +271,8 @@ def _fail_from_main_process(args: Any, error: str) -> None:
     except (IndexError, TypeError, ValueError):
         logger.error("execute_ingest's worker process died; its arguments %r name no run", args)
         return
-    _finish(run_id, "failed", stats=None, error=error)
-    logger.error("Run %s failed: %s", run_id, error)
+    if _finish(run_id, "failed", stats=None, error=error):
+        logger.error("Run %s failed: %s", run_id, error)
 
 
 def _channel_closed(message: Any) -> bool:

@@ -25,6 +25,8 @@ __all__ = [
     "IDLE_CHECK_FAILED_TEMPLATE",
     "IDLE_CHECK_OK_TEMPLATE",
     "IDLE_CHECK_RE",
+    "JOB_FAULT_RE",
+    "JOB_FAULT_TEMPLATE",
     "LINE_RE",
     "LOG_DATEFMT",
     "LOOP_MODE_RE",
@@ -98,6 +100,11 @@ LOOP_MODE_RE: Final = re.compile(
 IDLE_CHECK_OK_TEMPLATE: Final = "idle loop check for run {run_id}: still set and open"
 IDLE_CHECK_FAILED_TEMPLATE: Final = (
     "idle loop check for run {run_id}: replaced or closed ({detail})"
+)
+# A message with the harness_job_fault header: the job raises that fault from inside, mid-run.
+JOB_FAULT_TEMPLATE: Final = "job fault for run {run_id}: {fault} (raised inside the job)"
+JOB_FAULT_RE: Final = re.compile(
+    r"^job fault for run (?P<run_id>\S+): (?P<fault>\w+) \(raised inside the job\)$"
 )
 # Under gevent, greenlets share their OS thread's running loop (asyncio keeps it per OS thread):
 # with several runs in flight, a run can start while another run's loop is running and visible.
@@ -266,12 +273,13 @@ def trace_lines(lines: Iterable[LogLine], task_id: str) -> list[LogLine]:
 
 
 def harness_lines(lines: Iterable[LogLine], run_id: int) -> list[LogLine]:
-    """The shim's lines (loop mode, shared running loop, idle loop check) for one run."""
+    """The shim's lines (loop mode, job fault, shared running loop, idle loop check) for one
+    run."""
     selected = []
     for line in lines:
         if line.logger != HARNESS_LOGGER:
             continue
-        for pattern in (LOOP_MODE_RE, SHARED_LOOP_RE, IDLE_CHECK_RE):
+        for pattern in (LOOP_MODE_RE, JOB_FAULT_RE, SHARED_LOOP_RE, IDLE_CHECK_RE):
             match = pattern.match(line.headline)
             if match is not None and match["run_id"] == str(run_id):
                 selected.append(line)

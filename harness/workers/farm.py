@@ -34,6 +34,7 @@ from harness.core.errors import SetupError
 from harness.core.logs import LogLine
 from harness.core.runs import RunNotTerminalError, RunRow, RunStore
 from harness.services import Services, mask_dsn
+from harness.workers.jobfaults import JOB_FAULT_HEADER, JobFault, parse_job_fault
 from harness.workers.process import CeleryWorkerProcess, app_env, mask_secrets
 
 __all__ = [
@@ -426,12 +427,16 @@ class WorkerRuns:
         marketplace_code: str,
         project_id: int = 1,
         job_code: str = "frontend_prices",
+        job_fault: JobFault | str | None = None,
     ) -> SentRun:
-        """Create a queued run, as the API does, and send ``execute_ingest`` in ``loop_mode``."""
+        """Create a queued run, as the API does, and send ``execute_ingest`` in ``loop_mode``;
+        with ``job_fault``, its job raises that fault from inside (harness.workers.jobfaults)."""
         run_id = self.store.create(
             project_id=project_id, marketplace_code=marketplace_code, job_code=job_code
         )
-        sent = SentRun(run_id, self.worker.send(run_id, loop_mode=loop_mode), loop_mode)
+        headers = {} if job_fault is None else {JOB_FAULT_HEADER: parse_job_fault(job_fault).value}
+        task_id = self.worker.send(run_id, loop_mode=loop_mode, headers=headers)
+        sent = SentRun(run_id, task_id, loop_mode)
         self.sent.append(sent)
         return sent
 

@@ -9,7 +9,9 @@ that the app stays unaware of the harness. The app, its task and its runner are 
   taken per message from the ``harness_loop_mode`` header, else ``HARNESS_DEFAULT_LOOP_MODE``,
   else ``no_loop``; the task's name, options and behaviour are otherwise unchanged;
 - with ``HARNESS_RUNNER=prefix``, puts the pre-fix runner (a plain ``asyncio.run``) in place of
-  the Target's runner, so the harness can prove it detects the old bug.
+  the Target's runner, so the harness can prove it detects the old bug;
+- wraps the runner so that a message with the ``harness_job_fault`` header has its job raise
+  that fault from inside (:mod:`harness.workers.jobfaults`).
 
 Environment (besides the app's own): ``HARNESS_TARGET``, ``HARNESS_DEFAULT_LOOP_MODE``,
 ``HARNESS_RUNNER`` (``fixed``, the default, or ``prefix``), ``HARNESS_BROKER_POLLING_INTERVAL_S``
@@ -32,8 +34,9 @@ from celery import Celery
 from celery.signals import worker_ready
 
 from harness.core.cell import RUNNERS
-from harness.core.logs import LOOP_MODE_TEMPLATE
+from harness.core.logs import JOB_FAULT_TEMPLATE, LOOP_MODE_TEMPLATE
 from harness.core.target import default_target, resolve
+from harness.workers.jobfaults import job_fault_for_request, raising, wrap_runner
 from harness.workers.loopmodes import (
     DEFAULT_MODE_ENV,
     loop_mode_for_request,
@@ -91,10 +94,13 @@ def _install_runner(env: Mapping[str, str]) -> str:
     runner = env.get(RUNNER_ENV, "").strip() or "fixed"
     if runner not in RUNNERS:
         raise ValueError(f"{RUNNER_ENV}={runner!r} is not one of: {', '.join(RUNNERS)}")
+    # The task calls its runner through the module attribute the Target names.
+    module_name, attr = TARGET.runner.split(":")
+    module = importlib.import_module(module_name)
     if runner == "prefix":
-        # The task calls its runner through the module attribute the Target names.
-        module_name, attr = TARGET.runner.split(":")
-        setattr(importlib.import_module(module_name), attr, prefix_run_async_safe)
+        setattr(module, attr, prefix_run_async_safe)
+    # Either runner raises a message's job fault (harness.workers.jobfaults) from inside its job.
+    setattr(module, attr, wrap_runner(getattr(module, attr)))
     return runner
 
 
@@ -107,9 +113,13 @@ def _install_shim(env: Mapping[str, str]) -> None:
     @functools.wraps(original)
     def run_in_loop_mode(*args: Any, **kwargs: Any) -> Any:
         mode, source = loop_mode_for_request(task.request, env)
+        fault = job_fault_for_request(task.request)
         run_id = args[0] if args else kwargs.get("run_id")
         logger.info(LOOP_MODE_TEMPLATE.format(run_id=run_id, mode=mode.value, source=source))
-        return run_in_mode(mode, functools.partial(original, *args, **kwargs), run_id=run_id)
+        if fault is not None:
+            logger.info(JOB_FAULT_TEMPLATE.format(run_id=run_id, fault=fault.value))
+        with raising(fault):
+            return run_in_mode(mode, functools.partial(original, *args, **kwargs), run_id=run_id)
 
     # Celery's tracer calls ``task.run`` (looked up when the worker builds its tracer, after
     # this import), so an instance attribute replaces the body and nothing else.
