@@ -31,9 +31,10 @@ from harness.core.logs import (
     task_lines,
 )
 from harness.core.runs import RunStore
-from harness.workers.loopmodes import LOOP_MODE_HEADER, LoopMode
+from harness.workers.loopmodes import DEFAULT_MODE_ENV, LOOP_MODE_HEADER, LoopMode
 
 __all__ = [
+    "DEFAULT_MODE_SOURCE",
     "DOMAIN",
     "assert_prices_stored",
     "assert_run_log",
@@ -43,6 +44,8 @@ __all__ = [
 
 DOMAIN: Final = "frontend_prices"
 _HEADER_SOURCE: Final = f"header {LOOP_MODE_HEADER}"
+# A run the API enqueued carries no header: the worker's default mode is forced.
+DEFAULT_MODE_SOURCE: Final = DEFAULT_MODE_ENV
 
 
 def _served(item: Mapping[str, Any]) -> tuple[str, Decimal, str, Decimal | None, datetime]:
@@ -107,6 +110,7 @@ def assert_shim_lines(
     *,
     shared_loop_allowed: bool = False,
     job_fault: str | None = None,
+    source: str = _HEADER_SOURCE,
 ) -> None:
     """The harness's own lines for the run: the mode it forced, and for ``idle_loop`` that the
     thread's idle loop was still set and open after the run (the runner must not clobber it).
@@ -114,8 +118,10 @@ def assert_shim_lines(
     ``shared_loop_allowed``: runs in flight at once under gevent may start while another run's
     loop runs on their OS thread; the shim's line that says so is then accepted, never required.
     Everywhere else it is a failure: one run at a time must see the mode it asked for.
-    ``job_fault``: the fault the run's job was asked to raise (its line follows the mode's)."""
-    want = [LOOP_MODE_TEMPLATE.format(run_id=run_id, mode=mode, source=_HEADER_SOURCE)]
+    ``job_fault``: the fault the run's job was asked to raise (its line follows the mode's).
+    ``source``: where the mode came from (the message's header, unless the API enqueued the run
+    and the worker's ``HARNESS_DEFAULT_LOOP_MODE`` gave it)."""
+    want = [LOOP_MODE_TEMPLATE.format(run_id=run_id, mode=mode, source=source)]
     if job_fault is not None:
         want.append(JOB_FAULT_TEMPLATE.format(run_id=run_id, fault=job_fault))
     shared = SHARED_LOOP_TEMPLATE.format(run_id=run_id)

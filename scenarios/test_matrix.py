@@ -96,6 +96,8 @@ def test_success(
         done.row, done.lines, mode, harness_runner, marketplace, marketplace_code, worker_runs
     )
     assert_celery_agrees(done.lines, done.task_id, done.row)
+    # The harness's own lines: the mode was forced as asked, an idle loop survived the run.
+    assert_shim_lines(done.lines, done.run_id, mode)
 
 
 @pytest.mark.matrix(modes=LOOP_MODES)

@@ -15,9 +15,11 @@ from harness.core.logs import (
     IDLE_CHECK_FAILED_TEMPLATE,
     IDLE_CHECK_OK_TEMPLATE,
     IDLE_CHECK_RE,
+    JOB_FAULT_TEMPLATE,
     LOOP_MODE_TEMPLATE,
     RUNNER_LOGGER,
     RUNNER_TEMPLATE,
+    SHARED_LOOP_TEMPLATE,
     STARTING_TEMPLATE,
     STRATEGY_ASYNCIO_RUN,
     STRATEGY_THREAD_POOL,
@@ -27,6 +29,7 @@ from harness.core.logs import (
     harness_lines,
     parse_log,
     parse_runner_line,
+    promised_end,
     read_log_file,
     runner_lines,
     task_lines,
@@ -183,6 +186,35 @@ def test_harness_lines_and_celery_trace_lines() -> None:
     traced = trace_lines(lines, "ba8ea007-29a1-40be-b5a6-2c1d430ef357")
     assert len(traced) == 1
     assert "succeeded in" in traced[0].message
+
+
+def test_the_end_a_task_line_promises() -> None:
+    lines = parse_log(WORKER_LOG)
+    assert promised_end(lines, 12) == "success"
+    assert promised_end(lines, 1) is None
+    failed = parse_log(
+        "[2026-01-01 00:00:00] INFO app.tasks.ingest.execute_ingest: Starting run 3\n"
+        "[2026-01-01 00:00:01] ERROR app.tasks.ingest.execute_ingest: Run 3 failed: X: y\n"
+    )
+    assert promised_end(failed, 3) == "failed"
+    assert promised_end(failed[:1], 3) is None
+
+
+def test_the_shims_job_fault_and_shared_loop_lines_are_its_own() -> None:
+    text = "".join(
+        f"[2026-01-01 00:00:00] {level} harness.loopmodes: {message}\n"
+        for level, message in [
+            ("INFO", LOOP_MODE_TEMPLATE.format(run_id=4, mode="no_loop", source="default")),
+            ("INFO", JOB_FAULT_TEMPLATE.format(run_id=4, fault="cancelled")),
+            ("WARNING", SHARED_LOOP_TEMPLATE.format(run_id=4)),
+            ("INFO", JOB_FAULT_TEMPLATE.format(run_id=5, fault="cancelled")),
+        ]
+    )
+    assert [line.headline for line in harness_lines(parse_log(text), 4)] == [
+        LOOP_MODE_TEMPLATE.format(run_id=4, mode="no_loop", source="default"),
+        JOB_FAULT_TEMPLATE.format(run_id=4, fault="cancelled"),
+        SHARED_LOOP_TEMPLATE.format(run_id=4),
+    ]
 
 
 def test_idle_check_failure_line_matches_its_regex() -> None:

@@ -49,6 +49,7 @@ __all__ = [
     "harness_lines",
     "parse_log",
     "parse_runner_line",
+    "promised_end",
     "read_log_file",
     "runner_lines",
     "task_lines",
@@ -264,6 +265,17 @@ def task_lines(lines: Iterable[LogLine], run_id: int) -> list[LogLine]:
                 selected.append(line)
                 break
     return selected
+
+
+def promised_end(lines: Iterable[LogLine], run_id: int) -> str | None:
+    """The status the task's own end line for the run promises is committed: ``success`` for
+    ``Run N completed successfully``, ``failed`` for ``Run N failed: ...``; None before it."""
+    for line in task_lines(lines, run_id):
+        if COMPLETED_RE.match(line.headline):
+            return "success"
+        if FAILED_RE.match(line.headline):
+            return "failed"
+    return None
 
 
 def trace_lines(lines: Iterable[LogLine], task_id: str) -> list[LogLine]:

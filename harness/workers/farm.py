@@ -30,11 +30,18 @@ from pathlib import Path
 from typing import Any, Final
 
 from harness.core.cell import BROKERS, POOLS, RUNNERS
-from harness.core.errors import SetupError
-from harness.core.logs import LogLine
+from harness.core.errors import CheckFailed, SetupError
+from harness.core.logs import (
+    LOOP_MODE_TEMPLATE,
+    LogLine,
+    harness_lines,
+    promised_end,
+    trace_lines,
+)
 from harness.core.runs import RunNotTerminalError, RunRow, RunStore
 from harness.services import Services, mask_dsn
 from harness.workers.jobfaults import JOB_FAULT_HEADER, JobFault, parse_job_fault
+from harness.workers.loopmodes import LOOP_MODE_HEADER
 from harness.workers.process import CeleryWorkerProcess, app_env, mask_secrets
 
 __all__ = [
@@ -448,7 +455,32 @@ class WorkerRuns:
         the harness's own load off the two cores the worker and Postgres need. A worker that
         exits meanwhile fails the wait at once, with its exit code and log tail.
         """
-        lines = self.worker.wait_for_task(sent.task_id, since=self.mark, timeout=timeout)
+        deadline = time.monotonic() + timeout
+        # The task's own end line promises a committed row: read it the moment the line is
+        # there, once, with no waiting. A task that logged first and committed after fails.
+        lines = self.worker.wait_for_log(
+            lambda lines: (
+                promised_end(lines, sent.run_id) is not None
+                or bool(trace_lines(lines, sent.task_id))
+            ),
+            since=self.mark,
+            timeout=timeout,
+            what=f"the end of run {sent.run_id} (task {sent.task_id})",
+        )
+        promised = promised_end(lines, sent.run_id)
+        if promised is not None:
+            at_the_line = self.store.get(sent.run_id)
+            if at_the_line is None or at_the_line.status != promised:
+                state = "no row" if at_the_line is None else f"status {at_the_line.status!r}"
+                raise RunNotTerminalError(
+                    f"the worker logged run {sent.run_id}'s end ({promised}), but its row, "
+                    f"read at that moment, has {state}: the line came before the commit",
+                    at_the_line,
+                )
+        lines = self.worker.wait_for_task(
+            sent.task_id, since=self.mark, timeout=max(0.0, deadline - time.monotonic())
+        )
+        self._check_mode_forced(sent, lines)
         row = self.store.get(sent.run_id)
         if row is None or not row.terminal:
             state = "no such row" if row is None else f"status {row.status!r}"
@@ -458,6 +490,19 @@ class WorkerRuns:
                 row,
             )
         return CompletedRun(row=row, lines=lines, loop_mode=sent.loop_mode, task_id=sent.task_id)
+
+    def _check_mode_forced(self, sent: SentRun, lines: list[LogLine]) -> None:
+        """The shim says it forced the mode the run was sent in: a run that ran in another mode
+        (a worker without the shim, a header lost on the way) proves nothing about its cell."""
+        want = LOOP_MODE_TEMPLATE.format(
+            run_id=sent.run_id, mode=sent.loop_mode, source=f"header {LOOP_MODE_HEADER}"
+        )
+        said = [line.headline for line in harness_lines(lines, sent.run_id)]
+        if want not in said:
+            raise CheckFailed(
+                f"run {sent.run_id} was sent in {sent.loop_mode} but the worker's shim did not "
+                f"say it forced that mode: want {want!r}, the shim said {said}"
+            )
 
     def run(
         self,

@@ -31,6 +31,8 @@ from scenarios.faults._stack import (
 if TYPE_CHECKING:
     from harness.workers.stack import FullStack
 
+from scenarios.expect import DEFAULT_MODE_SOURCE, assert_shim_lines
+
 pytestmark = pytest.mark.integration
 
 ROUNDS: Final = 6
@@ -120,6 +122,7 @@ def test_two_starts_at_once_make_exactly_one_run(
             **stack.marketplace.served_stats(code, job),
         )
         assert_loop_log(lines, run_id, LOOP_MODE, job_code=job)
+        assert_shim_lines(lines, run_id, LOOP_MODE, source=DEFAULT_MODE_SOURCE)
         assert_domain_stored(
             stack.store, job, project_id=project_id, marketplace_code=code, served=served
         )

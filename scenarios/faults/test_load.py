@@ -33,6 +33,8 @@ from scenarios.faults._stack import (
 if TYPE_CHECKING:
     from harness.workers.stack import FullStack
 
+from scenarios.expect import DEFAULT_MODE_SOURCE, assert_shim_lines
+
 pytestmark = pytest.mark.integration
 
 LOOP_MODE: Final = "running_loop"
@@ -132,6 +134,7 @@ def test_fifty_runs_in_running_loop_mode_all_correct(
             f"{len(served)} inserted and 0 updated"
         )
         assert_loop_log(lines, run_id, LOOP_MODE, job_code=job)
+        assert_shim_lines(lines, run_id, LOOP_MODE, source=DEFAULT_MODE_SOURCE)
         assert_domain_stored(
             stack.store, job, project_id=project, marketplace_code=code, served=served
         )

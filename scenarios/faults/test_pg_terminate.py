@@ -32,6 +32,7 @@ from harness.checks.faults import (
 from harness.core.logs import COMPLETED_RE, FAILED_RE, LogLine, task_lines
 from harness.core.runs import RunStore
 from harness.workers.marketplace import MarketplaceServer
+from scenarios.expect import assert_shim_lines
 
 pytestmark = pytest.mark.integration
 
@@ -126,3 +127,6 @@ def test_terminated_connections_mid_run_end_the_run(
     )
     expected.update(served_rows(marketplace, next_code, project_id=PROJECT_ID))
     assert_fault_invariants(fault_store, fault_workers.log_lines(), expected_rows=expected)
+    # The harness's own lines: both runs were in the mode the cell names.
+    for run in (run_id, next_run):
+        assert_shim_lines(worker.log_lines(), run, loop_mode)

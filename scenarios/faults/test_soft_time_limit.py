@@ -30,6 +30,7 @@ from harness.pytest.plugin import add_failure_detail
 from harness.services import Services
 from harness.workers.marketplace import MarketplaceServer
 from harness.workers.process import CeleryWorkerProcess
+from scenarios.expect import assert_shim_lines
 
 pytestmark = pytest.mark.integration
 
@@ -129,3 +130,6 @@ def test_run_past_the_soft_time_limit_fails_as_timed_out(
         prefork.log_lines(since),
         expected_rows=served_rows(marketplace, next_code, project_id=PROJECT_ID),
     )
+    # The harness's own lines: both runs were in the mode the cell names.
+    for run in (run_id, next_run):
+        assert_shim_lines(prefork.log_lines(since), run, loop_mode)
