@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ import pytest
 
 from harness.workers.marketplace import (
     DOMAINS,
+    OVERSIZED_LABEL_BYTES,
     Knobs,
     Marketplace,
     MarketplaceServer,
@@ -203,6 +205,36 @@ def test_malformed_and_empty_pages(
     expected = marketplace.expected(marketplace_code, "frontend_prices")
     assert expected == get_page(http, marketplace_code, "frontend_prices", 1).json()["items"]
     assert marketplace.expected_pages(marketplace_code, "frontend_prices") == 3
+
+
+def test_oversized_pages_quote_a_megabyte_and_serve_nothing(
+    marketplace: MarketplaceServer, http: httpx.Client, marketplace_code: str
+) -> None:
+    marketplace.configure(marketplace_code, oversized_pages=[1])
+    page = get_page(http, marketplace_code, "frontend_prices", 1).json()
+    assert page["marketplace"] == "X" * OVERSIZED_LABEL_BYTES
+    assert page["items"]  # a whole page, only mislabelled
+    assert len(marketplace.expected(marketplace_code, "frontend_prices")) == 120 - 50
+
+
+def test_a_revision_moves_every_value_and_keeps_every_key(
+    marketplace: MarketplaceServer, http: httpx.Client, marketplace_code: str
+) -> None:
+    before = {d: marketplace.expected(marketplace_code, d) for d in ("frontend_prices", "stocks")}
+    marketplace.configure(marketplace_code, revision=2)
+    prices = get_page(http, marketplace_code, "frontend_prices", 1).json()["items"]
+    assert prices == marketplace.expected(marketplace_code, "frontend_prices")[:50]
+    first, old = prices[0], before["frontend_prices"][0]
+    assert first["sku"] == old["sku"] and first["currency"] == old["currency"]
+    assert Decimal(first["price"]) == Decimal(old["price"]) + 2
+    assert first["observed_at"][:13] != old["observed_at"][:13]
+    stocks = marketplace.expected(marketplace_code, "stocks")
+    assert [(i["sku"], i["warehouse"]) for i in stocks] == [
+        (i["sku"], i["warehouse"]) for i in before["stocks"]
+    ]
+    assert [i["quantity"] for i in stocks] == [i["quantity"] + 2 for i in before["stocks"]]
+    with pytest.raises(ValueError, match="knob 'revision' takes an integer >= 0, got -1"):
+        marketplace.configure(marketplace_code, revision=-1)
 
 
 def test_latency_and_hang_delay_the_answer(

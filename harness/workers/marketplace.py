@@ -17,7 +17,7 @@ HTTP surface::
 
 Knobs (see :class:`Knobs`): ``latency_s``, ``hang_s``, ``fail_first``, ``fail_always``,
 ``fail_status``, ``fail_pages`` (once each), ``fail_pages_always``, ``malformed_pages``,
-``empty_pages``, ``page_size``, ``pages``.
+``empty_pages``, ``oversized_pages``, ``revision``, ``page_size``, ``pages``.
 """
 
 from __future__ import annotations
@@ -33,6 +33,8 @@ import sys
 import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from decimal import Decimal
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
@@ -59,7 +61,11 @@ DOMAINS: Final = ("frontend_prices", "stocks")
 _WAREHOUSES: Final = ("MSK-Podolsk", "SPB-Shushary", "KZN-Zelenodolsk")
 # A bad knob must not make the server build millions of items in a request thread.
 _MAX_ITEMS: Final = 1_000_000
-_SET_KNOBS: Final = frozenset({"fail_pages", "fail_pages_always", "malformed_pages", "empty_pages"})
+_SET_KNOBS: Final = frozenset(
+    {"fail_pages", "fail_pages_always", "malformed_pages", "empty_pages", "oversized_pages"}
+)
+# The "marketplace" label of an oversized page: a megabyte of it.
+OVERSIZED_LABEL_BYTES: Final = 1 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +86,13 @@ class Knobs:
     - ``fail_pages_always``: each listed page answers 500 on every request.
     - ``malformed_pages``: each listed page answers 200 with a body that is not valid JSON.
     - ``empty_pages``: each listed page answers 200 with ``items: []``.
+    - ``oversized_pages``: each listed page answers 200 with a JSON page whose ``marketplace``
+      is a megabyte of ``X`` (:data:`OVERSIZED_LABEL_BYTES`): a mislabelled page whose error
+      message, quoting it, is far past any bound on stored errors.
+    - ``revision``: the data as of a later day: with revision r > 0 every item's price and
+      discount price (or stock quantity) is r units higher, and its ``observed_at`` r hours
+      later, the keys unchanged. A second run after ``revision=1`` must update every row it
+      stored in the first, value for value.
     - ``page_size``: items per page (50).
     - ``pages``: exactly this many pages: the fixture data is cut, or extended with
       deterministic synthesized items (``SYN-...`` SKUs), to ``pages * page_size`` items.
@@ -97,6 +110,8 @@ class Knobs:
     fail_pages_always: frozenset[int] = frozenset()
     malformed_pages: frozenset[int] = frozenset()
     empty_pages: frozenset[int] = frozenset()
+    oversized_pages: frozenset[int] = frozenset()
+    revision: int = 0
     page_size: int = 50
     pages: int | None = None
 
@@ -140,6 +155,8 @@ def _coerce(name: str, value: Any) -> Any:
         raise ValueError(f"knob {name!r} takes an integer, got {value!r}")
     if name == "fail_status" and not (400 <= value <= 599):
         raise ValueError(f"knob 'fail_status' takes an HTTP error status (400-599), got {value}")
+    if name == "revision" and value < 0:
+        raise ValueError(f"knob 'revision' takes an integer >= 0, got {value}")
     if name == "fail_first" and value < 0:
         raise ValueError(f"knob 'fail_first' takes a count >= 0, got {value}")
     if name in ("page_size", "pages") and value < 1:
@@ -227,6 +244,20 @@ def _parse_page(raw: str | None) -> int | None:
 
 def _default_data_dir() -> Path:
     return Path(str(resources.files("harness").joinpath("data")))
+
+
+def _revised(domain: str, item: Mapping[str, Any], revision: int) -> dict[str, Any]:
+    """``item`` as of ``revision``: same keys, every value that a later scrape changes moved."""
+    out = dict(item)
+    observed = datetime.fromisoformat(str(item["observed_at"]).replace("Z", "+00:00"))
+    out["observed_at"] = (observed + timedelta(hours=revision)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    if domain == "frontend_prices":
+        for name in ("price", "discount_price"):
+            if item.get(name) is not None:
+                out[name] = str(Decimal(str(item[name])) + revision)
+    else:
+        out["quantity"] = int(item["quantity"]) + revision
+    return out
 
 
 def _synthesize(domain: str, index: int) -> dict[str, Any]:
@@ -358,7 +389,12 @@ class Marketplace:
         """
         knobs = self.knobs(code)
         items = self._dataset(self._check_domain(domain), knobs)
-        lost = knobs.empty_pages | knobs.malformed_pages | knobs.fail_pages_always
+        lost = (
+            knobs.empty_pages
+            | knobs.malformed_pages
+            | knobs.fail_pages_always
+            | knobs.oversized_pages
+        )
         out: list[dict[str, Any]] = []
         for page in range(1, self._page_count(items, knobs) + 1):
             if page not in lost:
@@ -374,6 +410,12 @@ class Marketplace:
         return domain
 
     def _dataset(self, domain: str, knobs: Knobs) -> Sequence[dict[str, Any]]:
+        items = self._items(domain, knobs)
+        if knobs.revision == 0:
+            return items
+        return [_revised(domain, item, knobs.revision) for item in items]
+
+    def _items(self, domain: str, knobs: Knobs) -> Sequence[dict[str, Any]]:
         base = self._data[domain]
         if knobs.pages is None:
             return base
@@ -449,7 +491,7 @@ class Marketplace:
             head = _json_bytes({"marketplace": code, "domain": domain, "page": page})
             return _Reply(200, head[:-1] + b', "items": [{"sku": ')
         payload = {
-            "marketplace": code,
+            "marketplace": "X" * OVERSIZED_LABEL_BYTES if page in knobs.oversized_pages else code,
             "domain": domain,
             "page": page,
             "pages": pages,
