@@ -16,6 +16,7 @@ from sqlalchemy import text
 
 from harness.checks.assertions import RunAssertionError, assert_loop_log, run_log_excerpt
 from harness.core.logs import (
+    CLOSED_CHECK_OK_TEMPLATE,
     COMPLETED_TEMPLATE,
     FAILED_TEMPLATE,
     FORBIDDEN_TEXT,
@@ -113,7 +114,8 @@ def assert_shim_lines(
     source: str = _HEADER_SOURCE,
 ) -> None:
     """The harness's own lines for the run: the mode it forced, and for ``idle_loop`` that the
-    thread's idle loop was still set and open after the run (the runner must not clobber it).
+    thread's idle loop was still set and open after the run (the runner must not clobber it),
+    for ``closed_loop`` that the closed loop was still set and still closed.
 
     ``shared_loop_allowed``: runs in flight at once under gevent may start while another run's
     loop runs on their OS thread; the shim's line that says so is then accepted, never required.
@@ -129,6 +131,8 @@ def assert_shim_lines(
         want.append(shared)
     if mode == LoopMode.IDLE_LOOP:
         want.append(IDLE_CHECK_OK_TEMPLATE.format(run_id=run_id))
+    if mode == LoopMode.CLOSED_LOOP:
+        want.append(CLOSED_CHECK_OK_TEMPLATE.format(run_id=run_id))
     got = [line.headline for line in harness_lines(lines, run_id)]
     assert got == want, (
         f"the loop-mode shim's lines for run {run_id} differ:\n  got:  {got}\n  want: {want}"

@@ -5,10 +5,10 @@ selected (by default: four loop modes x prefork, solo, threads x redis) with the
 runner (a plain ``asyncio.run()``, injected into the workers through ``HARNESS_RUNNER=prefix``)
 on this session's Postgres and Redis. Every ``running_*`` cell must fail exactly as the runbook
 describes the old bug -- status ``failed``, the RuntimeError in ``error_message`` and in the
-worker log. Every ``idle_loop`` cell must fail on the shim's idle loop check: ``asyncio.run()``
-runs the job but leaves the thread with no loop set, clobbering the idle loop a library had set
-(the old code's second defect). ``no_loop`` still passes. A harness that could not see the bug
-would report all green here.
+worker log. Every ``idle_loop`` and ``closed_loop`` cell must fail on the shim's loop check:
+``asyncio.run()`` runs the job but leaves the thread with no loop set, clobbering the loop a
+library had left set (the old code's second defect). ``no_loop`` still passes. A harness that
+could not see the bug would report all green here.
 """
 
 from __future__ import annotations
@@ -40,8 +40,11 @@ pytestmark = pytest.mark.integration
 
 ROOT: Final = Path(__file__).resolve().parent.parent
 PRE_FIX_ERROR: Final = f"RuntimeError: {FORBIDDEN_TEXT}"
-# What the shim's idle loop check says after asyncio.run() (a second defect of the old code).
-IDLE_CLOBBERED: Final = "replaced or closed (no loop is set for the thread any more)"
+# What the shim's loop checks say after asyncio.run() (a second defect of the old code).
+CLOBBERED: Final = {
+    "idle_loop": "replaced or closed (no loop is set for the thread any more)",
+    "closed_loop": "changed (no loop is set for the thread any more)",
+}
 # Generous: the child starts three workers and stops them; it takes a few seconds.
 CHILD_TIMEOUT_S: Final = 180
 
@@ -149,11 +152,11 @@ def test_prefix_runner_fails_exactly_the_running_cells(
             continue
         [(test, message)] = [(f["test"], f["message"]) for f in cell["failures"]]
         assert test.endswith(f"test_success[{cell_id}]"), test
-        if cell["loop_mode"] == "idle_loop":
-            # asyncio.run() ran the job, and then set the thread's loop to None: the library's
-            # idle loop it had found is gone. The row is fine; the shim's check says so.
+        if cell["loop_mode"] in CLOBBERED:
+            # asyncio.run() ran the job, and then set the thread's loop to None: the loop a
+            # library had left set is gone. The row is fine; the shim's check says so.
             assert "the loop-mode shim's lines for run" in message, message
-            assert IDLE_CLOBBERED in failures[f"test_success[{cell_id}]"], message
+            assert CLOBBERED[cell["loop_mode"]] in failures[f"test_success[{cell_id}]"], message
             continue
         # The harness's own one-line verdict says why: the row failed with the old bug.
         assert "status is 'failed', expected 'success'" in message, message

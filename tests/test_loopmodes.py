@@ -13,7 +13,13 @@ import uvloop
 from celery.app.task import Context
 
 from app.utils.asyncio_runner import run_async_safe
-from harness.core.logs import IDLE_CHECK_RE, RUNNER_RE, STRATEGY_ASYNCIO_RUN, STRATEGY_THREAD_POOL
+from harness.core.logs import (
+    CLOSED_CHECK_RE,
+    IDLE_CHECK_RE,
+    RUNNER_RE,
+    STRATEGY_ASYNCIO_RUN,
+    STRATEGY_THREAD_POOL,
+)
 from harness.workers.loopmodes import (
     DEFAULT_MODE_ENV,
     IN_PROCESS,
@@ -63,7 +69,7 @@ def _idle_checks(caplog: pytest.LogCaptureFixture) -> list[tuple[str, str]]:
 
 
 def test_the_modes_and_the_matrix() -> None:
-    assert LOOP_MODES == ("no_loop", "idle_loop", "running_loop", "running_uvloop")
+    assert LOOP_MODES == ("no_loop", "idle_loop", "closed_loop", "running_loop", "running_uvloop")
     assert IN_PROCESS == "in_process"
     assert MATRIX_MODES[:-1] == LOOP_MODES
     assert MATRIX_MODES[-1] == "in_process"
@@ -75,6 +81,7 @@ def test_the_modes_and_the_matrix() -> None:
     [
         ("no_loop", (False, STRATEGY_ASYNCIO_RUN)),
         ("idle_loop", (False, STRATEGY_ASYNCIO_RUN)),
+        ("closed_loop", (False, STRATEGY_ASYNCIO_RUN)),
         ("running_loop", (True, STRATEGY_THREAD_POOL)),
         ("running_uvloop", (True, STRATEGY_THREAD_POOL)),
         ("in_process", (True, STRATEGY_THREAD_POOL)),
@@ -162,6 +169,63 @@ def test_idle_loop_check_runs_when_the_body_raises(caplog: pytest.LogCaptureFixt
     [(level, message)] = _idle_checks(caplog)
     assert level == "INFO"
     assert "boom" in message  # labelled with the function when no run_id is given
+
+
+def _another_closed_loop() -> asyncio.AbstractEventLoop:
+    loop = asyncio.new_event_loop()
+    loop.close()
+    return loop
+
+
+def _closed_checks(caplog: pytest.LogCaptureFixture) -> list[tuple[str, str]]:
+    return [
+        (r.levelname, r.getMessage())
+        for r in caplog.records
+        if r.name == "harness.loopmodes" and CLOSED_CHECK_RE.match(r.getMessage())
+    ]
+
+
+def test_closed_loop_sets_a_loop_that_is_closed(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, "harness.loopmodes")
+
+    state = run_in_mode(LoopMode.CLOSED_LOOP, _loop_state, run_id=31)
+
+    assert state["running"] is None
+    loop = state["current"]
+    assert isinstance(loop, asyncio.AbstractEventLoop) and loop.is_closed()
+    assert _closed_checks(caplog) == [
+        ("INFO", "closed loop check for run 31: still set, and closed")
+    ]
+    # The fixed runner leaves it exactly as it found it.
+    caplog.clear()
+    run_in_mode("closed_loop", run_async_safe, asyncio.sleep(0, "done"), run_id=32)
+    assert _closed_checks(caplog) == [
+        ("INFO", "closed loop check for run 32: still set, and closed")
+    ]
+
+
+@pytest.mark.parametrize(
+    ("clobber", "detail"),
+    [
+        (lambda: asyncio.set_event_loop(None), "no loop is set for the thread any more"),
+        # asyncio.run() itself does this: it sets its own loop, then None.
+        (lambda: asyncio.run(asyncio.sleep(0)), "no loop is set for the thread any more"),
+        (
+            lambda: asyncio.set_event_loop(_another_closed_loop()),
+            "the thread's loop was replaced",
+        ),
+    ],
+)
+def test_closed_loop_check_reports_a_changed_loop(
+    caplog: pytest.LogCaptureFixture, clobber: Callable[[], None], detail: str
+) -> None:
+    caplog.set_level(logging.INFO, "harness.loopmodes")
+
+    run_in_mode("closed_loop", clobber, run_id=8)
+
+    [(level, message)] = _closed_checks(caplog)
+    assert level == "ERROR"
+    assert message.startswith(f"closed loop check for run 8: changed ({detail}"), message
 
 
 def test_running_loop_calls_the_body_inside_a_running_asyncio_loop() -> None:

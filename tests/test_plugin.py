@@ -86,7 +86,7 @@ def test_default_matrix_is_every_loop_mode_on_three_pools_and_redis(
     result = project.runpytest("--collect-only", "-q")
 
     ids = collected_ids(result)
-    assert len(ids) == 4 * 3 + 1
+    assert len(ids) == 5 * 3 + 1
     assert "no_loop-prefork-redis" in ids
     assert "running_uvloop-threads-redis" in ids
     assert "in_process" in ids
@@ -125,7 +125,7 @@ def test_command_line_beats_ini_beats_environment(
     ("args", "fix"),
     [
         (["--pool=prefork,bogus"], "choose from prefork, solo, threads, gevent"),
-        (["--loop-mode=spinning"], "choose from no_loop, idle_loop, running_loop"),
+        (["--loop-mode=spinning"], "choose from no_loop, idle_loop, closed_loop, running_loop"),
         (["--broker=kafka"], "choose from redis, amqp"),
         (["--services=cloud"], "choose from auto, docker, local, external"),
         (["--runner=legacy"], "choose from fixed, prefix"),
@@ -185,7 +185,7 @@ def test_runner_resolves_like_the_other_options() -> None:
         (["--pool=all"], "gevent and running_uvloop", ["running_uvloop-gevent-redis"]),
         (
             ["--pool=solo"],
-            "not no_loop and not idle_loop and not in_process",
+            "not no_loop and not idle_loop and not closed_loop and not in_process",
             ["running_loop-solo-redis", "running_uvloop-solo-redis"],
         ),
     ],
@@ -203,7 +203,7 @@ def test_every_cell_is_marked_matrix(project: pytest.Pytester) -> None:
 
     result = project.runpytest("-m", "matrix", "-q")
 
-    result.assert_outcomes(passed=13)
+    result.assert_outcomes(passed=16)
 
 
 def test_matrix_modes_limits_a_scenario_and_deselects_it_when_none_is_left(

@@ -18,6 +18,7 @@ import pytest
 import redis
 
 from harness.core.logs import (
+    CLOSED_CHECK_OK_TEMPLATE,
     COMPLETED_TEMPLATE,
     FAILED_TEMPLATE,
     FORBIDDEN_TEXT,
@@ -125,6 +126,8 @@ def assert_mode_log(
     assert shim[0] == LOOP_MODE_TEMPLATE.format(run_id=run_id, mode=mode, source=source)
     if mode == "idle_loop":
         assert shim[1:] == [IDLE_CHECK_OK_TEMPLATE.format(run_id=run_id)]
+    elif mode == "closed_loop":
+        assert shim[1:] == [CLOSED_CHECK_OK_TEMPLATE.format(run_id=run_id)]
     else:
         assert shim[1:] == []
     assert find_forbidden(lines) == []

@@ -57,6 +57,7 @@ class LoopMode(enum.StrEnum):
 
     NO_LOOP = "no_loop"
     IDLE_LOOP = "idle_loop"
+    CLOSED_LOOP = "closed_loop"
     RUNNING_LOOP = "running_loop"
     RUNNING_UVLOOP = "running_uvloop"
 

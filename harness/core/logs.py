@@ -16,6 +16,9 @@ from pathlib import Path
 from typing import Any, Final
 
 __all__ = [
+    "CLOSED_CHECK_FAILED_TEMPLATE",
+    "CLOSED_CHECK_OK_TEMPLATE",
+    "CLOSED_CHECK_RE",
     "COMPLETED_RE",
     "COMPLETED_TEMPLATE",
     "FAILED_RE",
@@ -119,6 +122,13 @@ SHARED_LOOP_RE: Final = re.compile(
 IDLE_CHECK_RE: Final = re.compile(
     r"^idle loop check for run (?P<run_id>\S+): "
     r"(?:(?P<ok>still set and open)|replaced or closed \((?P<detail>.*)\))$"
+)
+
+CLOSED_CHECK_OK_TEMPLATE: Final = "closed loop check for run {run_id}: still set, and closed"
+CLOSED_CHECK_FAILED_TEMPLATE: Final = "closed loop check for run {run_id}: changed ({detail})"
+CLOSED_CHECK_RE: Final = re.compile(
+    r"^closed loop check for run (?P<run_id>\S+): "
+    r"(?:(?P<ok>still set, and closed)|changed \((?P<detail>.*)\))$"
 )
 
 # The warning of a fault worker started with stall_before_task=True, as each task stalls.
@@ -285,13 +295,13 @@ def trace_lines(lines: Iterable[LogLine], task_id: str) -> list[LogLine]:
 
 
 def harness_lines(lines: Iterable[LogLine], run_id: int) -> list[LogLine]:
-    """The shim's lines (loop mode, job fault, shared running loop, idle loop check) for one
-    run."""
+    """The shim's lines (loop mode, job fault, shared running loop, idle or closed loop check)
+    for one run."""
     selected = []
     for line in lines:
         if line.logger != HARNESS_LOGGER:
             continue
-        for pattern in (LOOP_MODE_RE, JOB_FAULT_RE, SHARED_LOOP_RE, IDLE_CHECK_RE):
+        for pattern in (LOOP_MODE_RE, JOB_FAULT_RE, SHARED_LOOP_RE, IDLE_CHECK_RE, CLOSED_CHECK_RE):
             match = pattern.match(line.headline)
             if match is not None and match["run_id"] == str(run_id):
                 selected.append(line)

@@ -17,6 +17,8 @@ from typing import Any, Final, TypeVar
 from harness.core.cell import IN_PROCESS, LOOP_MODES, MATRIX_MODES, LoopMode
 from harness.core.errors import UsageError
 from harness.core.logs import (
+    CLOSED_CHECK_FAILED_TEMPLATE,
+    CLOSED_CHECK_OK_TEMPLATE,
     IDLE_CHECK_FAILED_TEMPLATE,
     IDLE_CHECK_OK_TEMPLATE,
     SHARED_LOOP_TEMPLATE,
@@ -70,7 +72,7 @@ def parse_loop_mode(value: str) -> LoopMode:
 
 def expected_runner_line(mode: str) -> tuple[bool, str]:
     """What the fixed runner logs in ``mode``: (detected_running_loop, strategy text)."""
-    if mode in (LoopMode.NO_LOOP, LoopMode.IDLE_LOOP):
+    if mode in (LoopMode.NO_LOOP, LoopMode.IDLE_LOOP, LoopMode.CLOSED_LOOP):
         return False, STRATEGY_ASYNCIO_RUN
     if mode in (LoopMode.RUNNING_LOOP, LoopMode.RUNNING_UVLOOP, IN_PROCESS):
         return True, STRATEGY_THREAD_POOL
@@ -126,6 +128,20 @@ def _idle_loop_state(loop: asyncio.AbstractEventLoop) -> str | None:
     return None
 
 
+def _closed_loop_state(loop: asyncio.AbstractEventLoop) -> str | None:
+    """``None`` if ``loop`` is still this thread's loop and still closed, else what changed."""
+    try:
+        # A closed loop that is set is returned as it is: get_event_loop() creates none here.
+        current = asyncio.get_event_loop()
+    except RuntimeError:
+        return "no loop is set for the thread any more"
+    if current is not loop:
+        return f"the thread's loop was replaced by {type(current).__name__} {id(current):#x}"
+    if not loop.is_closed():
+        return "the closed loop was reopened"
+    return None
+
+
 def _new_uvloop() -> asyncio.AbstractEventLoop:
     import uvloop  # only this mode needs it; keep the import off the other paths
 
@@ -141,6 +157,9 @@ def run_in_mode(mode: str, fn: Callable[..., T], *args: Any, run_id: object = No
       ``get_event_loop()``. Afterwards the loop must still be set and open (the fixed runner
       must not clobber it); the check is logged on ``harness.workers.loopmodes`` (INFO when it
       holds, ERROR when not) and does not change ``fn``'s outcome.
+    - ``closed_loop``: a loop set for the thread but already closed, as a library leaves it
+      after ``loop.close()``. Afterwards the thread's loop must be exactly as before: the same
+      loop, still closed (``closed loop check`` line, as for ``idle_loop``).
     - ``running_loop`` / ``running_uvloop``: ``fn`` is called (synchronously) from a coroutine
       running on a fresh asyncio / uvloop loop in this thread.
 
@@ -190,6 +209,20 @@ def run_in_mode(mode: str, fn: Callable[..., T], *args: Any, run_id: object = No
                 logger.error(IDLE_CHECK_FAILED_TEMPLATE.format(run_id=label, detail=problem))
             asyncio.set_event_loop(None)
             loop.close()
+
+    if selected is LoopMode.CLOSED_LOOP:
+        loop = asyncio.new_event_loop()
+        loop.close()
+        asyncio.set_event_loop(loop)
+        try:
+            return fn(*args)
+        finally:
+            problem = _closed_loop_state(loop)
+            if problem is None:
+                logger.info(CLOSED_CHECK_OK_TEMPLATE.format(run_id=label))
+            else:
+                logger.error(CLOSED_CHECK_FAILED_TEMPLATE.format(run_id=label, detail=problem))
+            asyncio.set_event_loop(None)
 
     async def call() -> T:
         return fn(*args)
