@@ -31,7 +31,8 @@ from harness.services._docker import (
 )
 from harness.services._proc import log
 
-pytestmark = pytest.mark.docker
+# An image build from scratch takes minutes on two cores: far past the default deadline.
+pytestmark = [pytest.mark.docker, pytest.mark.deadline(1800)]
 
 ROOT = Path(__file__).resolve().parent.parent
 

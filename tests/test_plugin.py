@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 
 import pytest
 
@@ -522,3 +523,78 @@ def test_pytest_fixtures_lists_the_factories_with_their_docs_only_where_a_target
     assert plain.ret == 0, plain.stderr.str()
     assert "harness/pytest/fixtures.py" not in plain.stdout.str()
     assert "target_worker" not in plain.stdout.str()
+
+
+# -- the deadline --------------------------------------------------------------------------------
+
+HANGING_TEST = """
+import threading
+
+import pytest
+
+
+def test_hangs():
+    # A helper that waits for its own caller while the caller waits for it: the deadlock a
+    # runner makes when its nested call queues behind the call it is nested in.
+    release = threading.Event()
+    lock = threading.Lock()
+    lock.acquire()
+
+    def helper_waits_for_its_caller():
+        release.wait()
+        lock.release()
+
+    threading.Thread(target=helper_waits_for_its_caller, name="helper", daemon=True).start()
+    lock.acquire()
+
+
+@pytest.mark.deadline(30)
+def test_a_marker_gives_more_time():
+    import time
+
+    time.sleep(1.5)
+
+
+def test_the_session_goes_on():
+    assert True
+"""
+
+
+def test_a_hang_fails_at_its_deadline_with_every_threads_stack(project: pytest.Pytester) -> None:
+    project.makepyfile(test_hang=HANGING_TEST)
+    started = time.monotonic()
+    result = project.runpytest_subprocess(
+        "test_hang.py", "--harness-deadline=1", "-p", "no:cacheprovider", timeout=120
+    )
+    took = time.monotonic() - started
+
+    result.assert_outcomes(failed=1, passed=2)
+    text = result.stdout.str()
+    assert "DeadlineExceeded: test_hang.py::test_hangs (call) passed its 1 s deadline" in text
+    assert "--- thread helper" in text and "in helper_waits_for_its_caller" in text
+    assert "release.wait()" in text  # what the helper waits on
+    assert "lock.acquire()" in text  # and where the test stood
+    assert took < 30, f"the session took {took:.1f} s"
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "message"),
+    [
+        (["--harness-deadline=soon"], {}, "--harness-deadline: 'soon' is not a number of seconds"),
+        (["--harness-deadline=-1"], {}, "--harness-deadline: '-1' is not a number of seconds"),
+        ([], {"HARNESS_DEADLINE_S": "nan"}, "HARNESS_DEADLINE_S: 'nan' is not a number of seconds"),
+    ],
+)
+def test_a_bad_deadline_is_a_usage_error(
+    project: pytest.Pytester,
+    monkeypatch: pytest.MonkeyPatch,
+    args: list[str],
+    env: dict[str, str],
+    message: str,
+) -> None:
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    result = project.runpytest_subprocess("--collect-only", *args)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    assert message in result.stderr.str()
+    assert "Traceback" not in result.stderr.str()

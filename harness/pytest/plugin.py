@@ -22,6 +22,7 @@ import pytest
 from harness.core.cell import BROKERS, MATRIX_MODES, POOLS, RUNNERS, SERVICE_MODES, worker_group
 from harness.core.config import ConfigError, HarnessConfig
 from harness.core.target import TARGET_ENV, TARGET_INI, TargetError, load_target
+from harness.pytest import deadline
 from harness.pytest.stash import (
     FailureDetail,
     add_failure_detail,
@@ -104,6 +105,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     for name, flag, help_text in _OPTIONS:
         group.addoption(flag, dest=f"harness_{name}", default=None, help=help_text)
         parser.addini(f"harness_{name}", help_text, default=None)
+    deadline.add_options(parser)
     parser.addini(
         TARGET_INI,
         "the harness Target of the Celery app under test: package.module:NAME "
@@ -145,6 +147,16 @@ def _set_target(config: pytest.Config) -> None:
     config.add_cleanup(restore)
 
 
+def _start_deadline(config: pytest.Config) -> None:
+    seconds = deadline.configured_deadline(config)
+    if seconds == 0 or not deadline.DeadlinePlugin.usable():
+        return
+    watchdog = deadline.DeadlinePlugin(seconds)
+    watchdog.start()
+    config.add_cleanup(watchdog.stop)
+    config.pluginmanager.register(watchdog, "harness-deadline")
+
+
 def pytest_configure(config: pytest.Config) -> None:
     for mode in MATRIX_MODES:
         config.addinivalue_line("markers", f"{mode}: matrix cell in loop mode {mode}")
@@ -163,6 +175,12 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "integration: needs the real Postgres and Redis started by the harness"
     )
+    config.addinivalue_line(
+        "markers",
+        "deadline(seconds): this test's deadline instead of --harness-deadline's "
+        "(harness.pytest.deadline)",
+    )
+    _start_deadline(config)
     # pytest-xdist registers it too; here for --strict-markers in a session without xdist.
     config.addinivalue_line("markers", "xdist_group(name): pytest-xdist's --dist loadgroup group")
     try:
