@@ -23,11 +23,13 @@ from harness.core.logs import (
     IDLE_CHECK_OK_TEMPLATE,
     JOB_FAULT_TEMPLATE,
     LOOP_MODE_TEMPLATE,
+    PROBE_RE,
     SHARED_LOOP_TEMPLATE,
     STARTING_TEMPLATE,
     LogLine,
     find_forbidden,
     harness_lines,
+    probe_lines,
     runner_lines,
     task_lines,
 )
@@ -37,6 +39,7 @@ from harness.workers.loopmodes import DEFAULT_MODE_ENV, LOOP_MODE_HEADER, LoopMo
 __all__ = [
     "DEFAULT_MODE_SOURCE",
     "DOMAIN",
+    "assert_nothing_left_behind",
     "assert_prices_stored",
     "assert_run_log",
     "assert_shim_lines",
@@ -181,3 +184,34 @@ def assert_run_log(
                 + [run_log_excerpt(lines, run_id)]
             )
         )
+
+
+# The runner's idle helper parks for a moment after a call on the thread path, then exits.
+IDLE_HELPER_PREFIX: Final = "run_async_safe-"
+
+
+def assert_nothing_left_behind(lines: Sequence[LogLine], run_id: int) -> None:
+    """The shim's probe after the run (a run made alone in its process): no loop left open, no
+    task left pending, no database connection left open, no thread left running but the
+    runner's one idle helper."""
+    probes = probe_lines(lines, run_id)
+    assert len(probes) == 1, f"expected one probe line for run {run_id}, got {len(probes)}"
+    match = PROBE_RE.match(probes[0].headline)
+    assert match is not None
+    threads = [] if match["new_threads"] == "none" else match["new_threads"].split(",")
+    problems = []
+    if match["open_loops"] != "0":
+        problems.append(f"{match['open_loops']} event loop(s) left open")
+    if match["pending_tasks"] != "0":
+        problems.append(f"{match['pending_tasks']} task(s) left pending")
+    if int(match["db_connections"]) > 0:
+        problems.append(f"{match['db_connections']} database connection(s) left open")
+    helpers = [name for name in threads if name.startswith(IDLE_HELPER_PREFIX)]
+    others = [name for name in threads if not name.startswith(IDLE_HELPER_PREFIX)]
+    if others or len(helpers) > 1:
+        problems.append(f"threads left running: {threads}")
+    assert not problems, (
+        f"run {run_id} left something loop-bound behind in its worker process: "
+        + "; ".join(problems)
+        + f"\n  {probes[0].raw}"
+    )

@@ -18,7 +18,12 @@ from harness.workers.farm import WorkerRuns
 from harness.workers.loopmodes import LOOP_MODES
 from harness.workers.marketplace import MarketplaceServer
 from harness.workers.process import CeleryWorkerProcess
-from scenarios.expect import DOMAIN, assert_run_log, assert_shim_lines
+from scenarios.expect import (
+    DOMAIN,
+    assert_nothing_left_behind,
+    assert_run_log,
+    assert_shim_lines,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.alternating]
 
@@ -60,6 +65,7 @@ def test_modes_alternate_on_one_worker(
         )
         assert_run_log(lines, run.run_id, run.loop_mode, runner=harness_runner)
         assert_shim_lines(lines, run.run_id, run.loop_mode)
+        assert_nothing_left_behind(lines, run.run_id)
     assert pool_worker.pid == pid and pool_worker.is_alive(), (
         f"the {worker_pool[0]} worker was replaced during the runs (it died?): pid {pid} -> "
         f"{pool_worker.pid}, exit code {pool_worker.returncode}"

@@ -24,7 +24,8 @@ start, ``AssertionError`` for a check that failed, so pytest reports it as a fai
      └── CheckFailed (AssertionError)         what the service did is not what it promises
           ├── RunAssertionError               a run's row or log lines
           ├── RunNotTerminalError             a run that did not end in time
-          └── FaultInvariantError             an invariant after a fault scenario
+          ├── FaultInvariantError             an invariant after a fault scenario
+          └── DeadlineExceeded                a test still running at its deadline; stacks
 
 ``harness.matrix.cli`` turns a UsageError into one line and exit code 2; everything else is a failed
 cell or test with its evidence attached.

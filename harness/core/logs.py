@@ -34,6 +34,7 @@ __all__ = [
     "LOG_DATEFMT",
     "LOOP_MODE_RE",
     "LOOP_MODE_TEMPLATE",
+    "PROBE_RE",
     "RUNNER_LOGGER",
     "RUNNER_RE",
     "RUNNER_TEMPLATE",
@@ -52,6 +53,7 @@ __all__ = [
     "harness_lines",
     "parse_log",
     "parse_runner_line",
+    "probe_lines",
     "promised_end",
     "read_log_file",
     "runner_lines",
@@ -104,6 +106,12 @@ LOOP_MODE_RE: Final = re.compile(
 IDLE_CHECK_OK_TEMPLATE: Final = "idle loop check for run {run_id}: still set and open"
 IDLE_CHECK_FAILED_TEMPLATE: Final = (
     "idle loop check for run {run_id}: replaced or closed ({detail})"
+)
+# After each run, what it left behind in its worker process (harness.workers.probe).
+PROBE_RE: Final = re.compile(
+    r"^after run (?P<run_id>\S+): open_loops=(?P<open_loops>\d+) "
+    r"pending_tasks=(?P<pending_tasks>\d+) new_threads=(?P<new_threads>\S+) "
+    r"db_connections=(?P<db_connections>[+-]\d+)$"
 )
 # A message with the harness_job_fault header: the job raises that fault from inside, mid-run.
 JOB_FAULT_TEMPLATE: Final = "job fault for run {run_id}: {fault} (raised inside the job)"
@@ -275,6 +283,17 @@ def task_lines(lines: Iterable[LogLine], run_id: int) -> list[LogLine]:
                 selected.append(line)
                 break
     return selected
+
+
+def probe_lines(lines: Iterable[LogLine], run_id: int) -> list[LogLine]:
+    """The shim's probe line(s) for one run: what it left behind in its worker process."""
+    return [
+        line
+        for line in lines
+        if line.logger == HARNESS_LOGGER
+        and (match := PROBE_RE.match(line.headline)) is not None
+        and match["run_id"] == str(run_id)
+    ]
 
 
 def promised_end(lines: Iterable[LogLine], run_id: int) -> str | None:

@@ -27,6 +27,8 @@ from typing import Final
 
 import pytest
 
+from harness.core.errors import CheckFailed
+
 __all__ = ["DEADLINE_ENV", "DEFAULT_DEADLINE_S", "DeadlineExceeded", "DeadlinePlugin"]
 
 DEADLINE_ENV: Final = "HARNESS_DEADLINE_S"
@@ -34,7 +36,7 @@ DEFAULT_DEADLINE_S: Final = 300.0
 _SIGNAL: Final = getattr(signal, "SIGUSR1", None)
 
 
-class DeadlineExceeded(Exception):
+class DeadlineExceeded(CheckFailed):
     """The test was still running at its deadline; the message holds every thread's stack."""
 
 

@@ -11,7 +11,8 @@ that the app stays unaware of the harness. The app, its task and its runner are 
 - with ``HARNESS_RUNNER=prefix``, puts the pre-fix runner (a plain ``asyncio.run``) in place of
   the Target's runner, so the harness can prove it detects the old bug;
 - wraps the runner so that a message with the ``harness_job_fault`` header has its job raise
-  that fault from inside (:mod:`harness.workers.jobfaults`).
+  that fault from inside (:mod:`harness.workers.jobfaults`);
+- after each run, logs what the run left behind in the process (:mod:`harness.workers.probe`).
 
 Environment (besides the app's own): ``HARNESS_TARGET``, ``HARNESS_DEFAULT_LOOP_MODE``,
 ``HARNESS_RUNNER`` (``fixed``, the default, or ``prefix``), ``HARNESS_BROKER_POLLING_INTERVAL_S``
@@ -29,6 +30,7 @@ import logging
 import os
 from collections.abc import Coroutine, Mapping
 from typing import Any, Final, TypeVar
+from urllib.parse import urlsplit
 
 from celery import Celery
 from celery.signals import worker_ready
@@ -43,6 +45,8 @@ from harness.workers.loopmodes import (
     parse_loop_mode,
     run_in_mode,
 )
+from harness.workers.probe import Probe
+from harness.workers.probe import install as install_probe
 
 __all__ = ["POLLING_INTERVAL_ENV", "RUNNER_ENV", "app", "celery_app", "prefix_run_async_safe"]
 
@@ -104,11 +108,21 @@ def _install_runner(env: Mapping[str, str]) -> str:
     return runner
 
 
+def _database_port(env: Mapping[str, str]) -> int | None:
+    url = env.get(TARGET.database_url_env, "")
+    try:
+        return urlsplit(url).port or (5432 if url else None)
+    except ValueError:
+        return None
+
+
 def _install_shim(env: Mapping[str, str]) -> None:
     # The app's task modules (its ``include``), then the task object itself from the registry.
     celery_app.loader.import_default_modules()
     task = celery_app.tasks[TARGET.task_name]
     original = task.run  # bound to the task: bind=True gives it ``self``
+    install_probe()
+    probe = Probe(_database_port(env))
 
     @functools.wraps(original)
     def run_in_loop_mode(*args: Any, **kwargs: Any) -> Any:
@@ -118,8 +132,14 @@ def _install_shim(env: Mapping[str, str]) -> None:
         logger.info(LOOP_MODE_TEMPLATE.format(run_id=run_id, mode=mode.value, source=source))
         if fault is not None:
             logger.info(JOB_FAULT_TEMPLATE.format(run_id=run_id, fault=fault.value))
-        with raising(fault):
-            return run_in_mode(mode, functools.partial(original, *args, **kwargs), run_id=run_id)
+        before = probe.before()
+        try:
+            with raising(fault):
+                return run_in_mode(
+                    mode, functools.partial(original, *args, **kwargs), run_id=run_id
+                )
+        finally:
+            logger.info(probe.after(before).line(run_id))
 
     # Celery's tracer calls ``task.run`` (looked up when the worker builds its tracer, after
     # this import), so an instance attribute replaces the body and nothing else.
