@@ -21,6 +21,7 @@ from harness.core.logs import (
     FAILED_TEMPLATE,
     FORBIDDEN_TEXT,
     IDLE_CHECK_OK_TEMPLATE,
+    INHERITED_CHECK_OK_TEMPLATE,
     JOB_FAULT_TEMPLATE,
     LOOP_MODE_TEMPLATE,
     PROBE_RE,
@@ -136,6 +137,8 @@ def assert_shim_lines(
         want.append(IDLE_CHECK_OK_TEMPLATE.format(run_id=run_id))
     if mode == LoopMode.CLOSED_LOOP:
         want.append(CLOSED_CHECK_OK_TEMPLATE.format(run_id=run_id))
+    if mode == LoopMode.INHERITED_LOOP:
+        want.append(INHERITED_CHECK_OK_TEMPLATE.format(run_id=run_id))
     got = [line.headline for line in harness_lines(lines, run_id)]
     assert got == want, (
         f"the loop-mode shim's lines for run {run_id} differ:\n  got:  {got}\n  want: {want}"

@@ -13,6 +13,7 @@ from typing import Any, Final
 import pytest
 
 from harness.checks.assertions import assert_run_succeeded
+from harness.core.cell import mode_applies
 from harness.pytest.plugin import harness_config_key
 from harness.workers.farm import WorkerRuns
 from harness.workers.loopmodes import LOOP_MODES
@@ -42,7 +43,7 @@ def test_modes_alternate_on_one_worker(
     harness_runner: str,
 ) -> None:
     selected = request.config.stash[harness_config_key].loop_modes
-    modes = [mode for mode in LOOP_MODES if mode in selected]
+    modes = [m for m in LOOP_MODES if m in selected and mode_applies(m, worker_pool[0])]
     if not modes:
         pytest.skip("no worker loop mode is selected (--loop-mode)")
     pid = pool_worker.pid

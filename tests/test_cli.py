@@ -167,7 +167,8 @@ def test_options_come_after_the_cells_and_before_passthrough(tmp_path: Path) -> 
     assert "--services=external" in args
     assert "--pool=solo" in args
     assert (
-        "--loop-mode=no_loop,idle_loop,closed_loop,running_loop,running_uvloop,in_process" in args
+        "--loop-mode=no_loop,idle_loop,closed_loop,inherited_loop,running_loop,running_uvloop,in_process"
+        in args
     )
     assert "-n" not in args  # -n 0: no xdist at all
     assert args[-5:] == ["-k", "success", "-x", "-m", "matrix and not slow"]

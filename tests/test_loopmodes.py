@@ -60,6 +60,10 @@ def _loop_state() -> dict[str, Any]:
     return {"running": running, "current": current}
 
 
+# Every mode but the fork-inherited loop, which needs a forked child of a worker parent.
+IN_THIS_PROCESS = tuple(mode for mode in LOOP_MODES if mode != "inherited_loop")
+
+
 def _idle_checks(caplog: pytest.LogCaptureFixture) -> list[tuple[str, str]]:
     return [
         (record.levelname, record.getMessage())
@@ -69,7 +73,14 @@ def _idle_checks(caplog: pytest.LogCaptureFixture) -> list[tuple[str, str]]:
 
 
 def test_the_modes_and_the_matrix() -> None:
-    assert LOOP_MODES == ("no_loop", "idle_loop", "closed_loop", "running_loop", "running_uvloop")
+    assert LOOP_MODES == (
+        "no_loop",
+        "idle_loop",
+        "closed_loop",
+        "inherited_loop",
+        "running_loop",
+        "running_uvloop",
+    )
     assert IN_PROCESS == "in_process"
     assert MATRIX_MODES[:-1] == LOOP_MODES
     assert MATRIX_MODES[-1] == "in_process"
@@ -82,6 +93,7 @@ def test_the_modes_and_the_matrix() -> None:
         ("no_loop", (False, STRATEGY_ASYNCIO_RUN)),
         ("idle_loop", (False, STRATEGY_ASYNCIO_RUN)),
         ("closed_loop", (False, STRATEGY_ASYNCIO_RUN)),
+        ("inherited_loop", (False, STRATEGY_ASYNCIO_RUN)),
         ("running_loop", (True, STRATEGY_THREAD_POOL)),
         ("running_uvloop", (True, STRATEGY_THREAD_POOL)),
         ("in_process", (True, STRATEGY_THREAD_POOL)),
@@ -259,7 +271,7 @@ def test_running_modes_reproduce_the_pre_fix_bug(mode: str) -> None:
         run_in_mode(mode, pre_fix_body)
 
 
-@pytest.mark.parametrize("mode", LOOP_MODES)
+@pytest.mark.parametrize("mode", IN_THIS_PROCESS)
 def test_results_and_errors_pass_through(mode: str) -> None:
     assert run_in_mode(mode, lambda a, b: a + b, 2, 3) == 5
 
@@ -274,7 +286,7 @@ def test_results_and_errors_pass_through(mode: str) -> None:
         run_in_mode(mode, set_a_loop_and_fail)
 
 
-@pytest.mark.parametrize("mode", LOOP_MODES)
+@pytest.mark.parametrize("mode", IN_THIS_PROCESS)
 def test_the_fixed_runner_logs_the_expected_line_in_each_mode(
     mode: str, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -297,7 +309,7 @@ def test_the_fixed_runner_logs_the_expected_line_in_each_mode(
     assert all(level == "INFO" for level, _ in _idle_checks(caplog))
 
 
-@pytest.mark.parametrize("mode", LOOP_MODES)
+@pytest.mark.parametrize("mode", IN_THIS_PROCESS)
 def test_modes_work_in_a_pool_thread(mode: str) -> None:
     # The threads pool runs task bodies in worker threads, not the main thread.
     seen: list[dict[str, Any]] = []
@@ -444,3 +456,54 @@ async def test_in_process_cell_runs_under_the_test_s_own_loop(
     match = RUNNER_RE.match(message)
     assert match is not None
     assert (match["detected"] == "True", match["strategy"]) == expected_runner_line(IN_PROCESS)
+
+
+_FORK_PROGRAM = """
+import asyncio, os, sys, logging
+from harness.workers.loopmodes import make_parent_loop, run_in_mode
+from app.utils.asyncio_runner import run_async_safe
+
+logging.basicConfig(stream=sys.stdout, format="%(levelname)s %(message)s", level=20)
+make_parent_loop()  # the worker's parent, before its pool forks
+parent_loop = asyncio.get_event_loop()
+pid = os.fork()
+if pid == 0:
+    try:
+        asyncio.set_event_loop(None)  # an earlier run in this child unset it
+        got = run_in_mode("inherited_loop", run_async_safe, asyncio.sleep(0, "ran"), run_id=5)
+        print("child", got, asyncio.get_event_loop_policy().get_event_loop() is None)
+    finally:
+        sys.stdout.flush()
+        os._exit(0)
+os.waitpid(pid, 0)
+try:
+    run_in_mode("inherited_loop", lambda: None)
+except Exception as exc:
+    print("parent", type(exc).__name__)
+parent_loop.close()
+"""
+
+
+def test_inherited_loop_is_the_parents_loop_in_a_forked_child() -> None:
+    # In a process of its own: it forks.
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    done = subprocess.run(
+        [sys.executable, "-c", _FORK_PROGRAM],
+        cwd=Path(__file__).resolve().parent.parent,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = done.stdout.splitlines()
+    assert "INFO inherited loop check for run 5: still set and open" in out, done.stdout
+    assert "parent LoopModeError" in out, done.stdout  # the parent itself is no forked child
+
+
+def test_inherited_loop_cannot_be_forced_outside_a_forked_worker_child() -> None:
+    with pytest.raises(LoopModeError, match="exists on the prefork pool only"):
+        run_in_mode("inherited_loop", lambda: None)

@@ -87,7 +87,7 @@ def test_default_matrix_is_every_loop_mode_on_three_pools_and_redis(
     result = project.runpytest("--collect-only", "-q")
 
     ids = collected_ids(result)
-    assert len(ids) == 5 * 3 + 1
+    assert len(ids) == 5 * 3 + 1 + 1  # inherited_loop: prefork only
     assert "no_loop-prefork-redis" in ids
     assert "running_uvloop-threads-redis" in ids
     assert "in_process" in ids
@@ -126,7 +126,10 @@ def test_command_line_beats_ini_beats_environment(
     ("args", "fix"),
     [
         (["--pool=prefork,bogus"], "choose from prefork, solo, threads, gevent"),
-        (["--loop-mode=spinning"], "choose from no_loop, idle_loop, closed_loop, running_loop"),
+        (
+            ["--loop-mode=spinning"],
+            "choose from no_loop, idle_loop, closed_loop, inherited_loop, running_loop",
+        ),
         (["--broker=kafka"], "choose from redis, amqp"),
         (["--services=cloud"], "choose from auto, docker, local, external"),
         (["--runner=legacy"], "choose from fixed, prefix"),
@@ -204,7 +207,7 @@ def test_every_cell_is_marked_matrix(project: pytest.Pytester) -> None:
 
     result = project.runpytest("-m", "matrix", "-q")
 
-    result.assert_outcomes(passed=16)
+    result.assert_outcomes(passed=17)
 
 
 def test_matrix_modes_limits_a_scenario_and_deselects_it_when_none_is_left(

@@ -17,6 +17,7 @@ import psutil
 import pytest
 import redis
 
+from harness.core.cell import mode_applies
 from harness.core.logs import (
     CLOSED_CHECK_OK_TEMPLATE,
     COMPLETED_TEMPLATE,
@@ -24,6 +25,7 @@ from harness.core.logs import (
     FORBIDDEN_TEXT,
     IDLE_CHECK_OK_TEMPLATE,
     IDLE_CHECK_RE,
+    INHERITED_CHECK_OK_TEMPLATE,
     LOOP_MODE_TEMPLATE,
     STARTING_TEMPLATE,
     LogLine,
@@ -128,6 +130,8 @@ def assert_mode_log(
         assert shim[1:] == [IDLE_CHECK_OK_TEMPLATE.format(run_id=run_id)]
     elif mode == "closed_loop":
         assert shim[1:] == [CLOSED_CHECK_OK_TEMPLATE.format(run_id=run_id)]
+    elif mode == "inherited_loop":
+        assert shim[1:] == [INHERITED_CHECK_OK_TEMPLATE.format(run_id=run_id)]
     else:
         assert shim[1:] == []
     assert find_forbidden(lines) == []
@@ -253,7 +257,7 @@ def test_start_means_it_answers_a_ping(solo_worker: CeleryWorkerProcess) -> None
 
 
 @integration
-@pytest.mark.parametrize("mode", LOOP_MODES)
+@pytest.mark.parametrize("mode", [m for m in LOOP_MODES if mode_applies(m, "solo")])
 def test_a_run_in_each_loop_mode(
     solo_worker: CeleryWorkerProcess,
     runs: RunStore,
@@ -277,7 +281,7 @@ def test_one_worker_process_serves_every_mode_in_a_row(
     marketplace_code: str,
 ) -> None:
     pid = solo_worker.pid
-    modes = dict(enumerate(LOOP_MODES, start=1))
+    modes = dict(enumerate([m for m in LOOP_MODES if mode_applies(m, "solo")], start=1))
 
     results = run_in_worker(solo_worker, runs, modes, marketplace_code=marketplace_code)
 
@@ -347,7 +351,7 @@ def test_the_pre_fix_runner_fails_every_running_mode(
     marketplace: MarketplaceServer,
     marketplace_code: str,
 ) -> None:
-    modes = dict(enumerate(LOOP_MODES, start=1))
+    modes = dict(enumerate([m for m in LOOP_MODES if mode_applies(m, "solo")], start=1))
     with CeleryWorkerProcess(
         env=worker_env, log_dir=log_dir, extra_env={"HARNESS_RUNNER": "prefix"}
     ) as worker:
@@ -393,7 +397,7 @@ def test_each_pool_starts_runs_every_mode_and_stops(
     redis_url: str,
     pool: str,
 ) -> None:
-    modes = dict(enumerate(LOOP_MODES, start=1))
+    modes = dict(enumerate([m for m in LOOP_MODES if mode_applies(m, pool)], start=1))
     worker = CeleryWorkerProcess(env=worker_env, log_dir=log_dir, pool=pool, concurrency=2)
     with worker:
         results = run_in_worker(worker, runs, modes, marketplace_code=marketplace_code)

@@ -17,7 +17,7 @@ from sqlalchemy import Engine
 
 from examples.reports.jobs import expected_result
 from examples.reports.target import REPORTS
-from harness.core.cell import LOOP_MODES
+from harness.core.cell import LOOP_MODES, mode_applies
 from harness.core.logs import FORBIDDEN_TEXT, LOOP_MODE_TEMPLATE, LogLine
 from harness.core.poll import poll_until
 from harness.workers.process import CeleryWorkerProcess
@@ -25,6 +25,8 @@ from harness.workers.process import CeleryWorkerProcess
 pytestmark = pytest.mark.integration
 
 POOLS = ("solo", "prefork", "threads")
+# The loop modes of a solo worker (inherited_loop needs a pool that forks).
+SOLO_MODES = tuple(mode for mode in LOOP_MODES if mode_applies(mode, "solo"))
 RUNNING = ("running_loop", "running_uvloop")
 TENANT = "acme"
 
@@ -68,8 +70,10 @@ def _bridge_line(lines: list[LogLine], job_id: int) -> str:
     return found[0]
 
 
-@pytest.mark.parametrize("pool", POOLS)
-@pytest.mark.parametrize("mode", LOOP_MODES)
+@pytest.mark.parametrize(
+    ("mode", "pool"),
+    [(mode, pool) for mode in LOOP_MODES for pool in POOLS if mode_applies(mode, pool)],
+)
 def test_the_matrix(
     mode: str,
     pool: str,
@@ -99,7 +103,7 @@ def test_the_matrix(
     assert not [x for x in lines if FORBIDDEN_TEXT in x.message]
 
 
-@pytest.mark.parametrize("mode", LOOP_MODES)
+@pytest.mark.parametrize("mode", SOLO_MODES)
 def test_a_failing_report_ends_error(
     mode: str,
     reports_workers: Callable[[str, str], CeleryWorkerProcess],
@@ -115,7 +119,7 @@ def test_a_failing_report_ends_error(
     assert heads[-1] == REPORTS.logs.failed.format(run_id=job_id, error=row["failure"])
 
 
-@pytest.mark.parametrize("mode", LOOP_MODES)
+@pytest.mark.parametrize("mode", SOLO_MODES)
 def test_the_pre_fix_runner_fails_exactly_the_running_modes(
     mode: str,
     reports_workers: Callable[[str, str], CeleryWorkerProcess],

@@ -18,6 +18,7 @@ This module imports nothing of the harness: every layer may use it.
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
 from itertools import pairwise
 from typing import Final, Literal, NamedTuple, get_args
 
@@ -30,6 +31,7 @@ __all__ = [
     "IN_PROCESS",
     "LOOP_MODES",
     "MATRIX_MODES",
+    "MODE_POOLS",
     "NO_WORKER",
     "POOLS",
     "RUNNERS",
@@ -40,6 +42,7 @@ __all__ = [
     "LoopMode",
     "RunnerName",
     "ServiceModeName",
+    "mode_applies",
     "pair_from_nodeid",
     "worker_group",
 ]
@@ -58,6 +61,7 @@ class LoopMode(enum.StrEnum):
     NO_LOOP = "no_loop"
     IDLE_LOOP = "idle_loop"
     CLOSED_LOOP = "closed_loop"
+    INHERITED_LOOP = "inherited_loop"
     RUNNING_LOOP = "running_loop"
     RUNNING_UVLOOP = "running_uvloop"
 
@@ -67,6 +71,15 @@ LOOP_MODES: Final = tuple(mode.value for mode in LoopMode)
 IN_PROCESS: Final = "in_process"
 MATRIX_MODES: Final = (*LOOP_MODES, IN_PROCESS)
 DEFAULT_LOOP_MODES: Final = MATRIX_MODES
+# A loop mode that exists on some pools only: the fork-inherited loop needs a pool that forks.
+MODE_POOLS: Final[Mapping[str, tuple[str, ...]]] = {"inherited_loop": ("prefork",)}
+
+
+def mode_applies(mode: str, pool: str) -> bool:
+    """Whether ``mode`` is a condition a worker of ``pool`` can be in."""
+    return pool in MODE_POOLS.get(mode, (pool,))
+
+
 POOLS: Final = ("prefork", "solo", "threads", "gevent")
 DEFAULT_POOLS: Final = ("prefork", "solo", "threads")
 BROKERS: Final[tuple[str, ...]] = get_args(Broker)

@@ -21,6 +21,7 @@ from harness.core.cell import (
     Cell,
     RunnerName,
     ServiceModeName,
+    mode_applies,
 )
 from harness.core.errors import UsageError
 
@@ -197,12 +198,18 @@ class HarnessConfig:
         """The matrix cells this session runs.
 
         ``in_process`` runs the task's function in the test process (no worker, no broker), so
-        it is a single cell with pool and broker ``-``.
+        it is a single cell with pool and broker ``-``. A mode that exists on some pools only
+        (``inherited_loop``: prefork) has no cell on the others.
         """
         cells: list[Cell] = []
         for mode in self.loop_modes:
             if mode == IN_PROCESS:
                 cells.append(Cell(mode))
                 continue
-            cells.extend(Cell(mode, pool, broker) for broker in self.brokers for pool in self.pools)
+            cells.extend(
+                Cell(mode, pool, broker)
+                for broker in self.brokers
+                for pool in self.pools
+                if mode_applies(mode, pool)
+            )
         return cells

@@ -28,6 +28,9 @@ __all__ = [
     "IDLE_CHECK_FAILED_TEMPLATE",
     "IDLE_CHECK_OK_TEMPLATE",
     "IDLE_CHECK_RE",
+    "INHERITED_CHECK_FAILED_TEMPLATE",
+    "INHERITED_CHECK_OK_TEMPLATE",
+    "INHERITED_CHECK_RE",
     "JOB_FAULT_RE",
     "JOB_FAULT_TEMPLATE",
     "LINE_RE",
@@ -132,6 +135,14 @@ IDLE_CHECK_RE: Final = re.compile(
     r"(?:(?P<ok>still set and open)|replaced or closed \((?P<detail>.*)\))$"
 )
 
+INHERITED_CHECK_OK_TEMPLATE: Final = "inherited loop check for run {run_id}: still set and open"
+INHERITED_CHECK_FAILED_TEMPLATE: Final = (
+    "inherited loop check for run {run_id}: replaced or closed ({detail})"
+)
+INHERITED_CHECK_RE: Final = re.compile(
+    r"^inherited loop check for run (?P<run_id>\S+): "
+    r"(?:(?P<ok>still set and open)|replaced or closed \((?P<detail>.*)\))$"
+)
 CLOSED_CHECK_OK_TEMPLATE: Final = "closed loop check for run {run_id}: still set, and closed"
 CLOSED_CHECK_FAILED_TEMPLATE: Final = "closed loop check for run {run_id}: changed ({detail})"
 CLOSED_CHECK_RE: Final = re.compile(
@@ -320,7 +331,14 @@ def harness_lines(lines: Iterable[LogLine], run_id: int) -> list[LogLine]:
     for line in lines:
         if line.logger != HARNESS_LOGGER:
             continue
-        for pattern in (LOOP_MODE_RE, JOB_FAULT_RE, SHARED_LOOP_RE, IDLE_CHECK_RE, CLOSED_CHECK_RE):
+        for pattern in (
+            LOOP_MODE_RE,
+            JOB_FAULT_RE,
+            SHARED_LOOP_RE,
+            IDLE_CHECK_RE,
+            CLOSED_CHECK_RE,
+            INHERITED_CHECK_RE,
+        ):
             match = pattern.match(line.headline)
             if match is not None and match["run_id"] == str(run_id):
                 selected.append(line)

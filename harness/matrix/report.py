@@ -509,7 +509,7 @@ def render_table(result: MatrixResult) -> str:
     """The matrix as aligned plain text: a row per loop mode, a column per pool x broker.
 
     ``in_process`` has no worker, so its one cell sits in the first column and the rest
-    show ``·``.
+    show ``·``; so does a pool that a mode does not apply to (``inherited_loop`` off prefork).
     """
     columns = [(pool, broker) for broker in result.brokers for pool in result.pools]
     summaries = {s.cell: s for s in result.cells()}
@@ -520,7 +520,17 @@ def render_table(result: MatrixResult) -> str:
             first = _cell_text(summaries[Cell(mode)])
             rows.append([mode, first, *([_NOT_APPLICABLE] * (len(columns) - 1))])
         else:
-            rows.append([mode, *(_cell_text(summaries[Cell(mode, p, b)]) for p, b in columns)])
+            rows.append(
+                [
+                    mode,
+                    *(
+                        _cell_text(summaries[Cell(mode, p, b)])
+                        if Cell(mode, p, b) in summaries
+                        else _NOT_APPLICABLE
+                        for p, b in columns
+                    ),
+                ]
+            )
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
 
     def line(cells: Sequence[str]) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import sys
 from collections.abc import Callable, Mapping
 from typing import Any, Final, TypeVar
@@ -21,6 +22,8 @@ from harness.core.logs import (
     CLOSED_CHECK_OK_TEMPLATE,
     IDLE_CHECK_FAILED_TEMPLATE,
     IDLE_CHECK_OK_TEMPLATE,
+    INHERITED_CHECK_FAILED_TEMPLATE,
+    INHERITED_CHECK_OK_TEMPLATE,
     SHARED_LOOP_TEMPLATE,
     STRATEGY_ASYNCIO_RUN,
     STRATEGY_THREAD_POOL,
@@ -32,10 +35,12 @@ __all__ = [
     "LOOP_MODES",
     "LOOP_MODE_HEADER",
     "MATRIX_MODES",
+    "POOL_ENV",
     "LoopMode",
     "LoopModeError",
     "expected_runner_line",
     "loop_mode_for_request",
+    "make_parent_loop",
     "parse_loop_mode",
     "run_in_mode",
 ]
@@ -43,6 +48,23 @@ __all__ = [
 T = TypeVar("T")
 
 logger = logging.getLogger("harness.loopmodes")
+
+
+# The pool the harness started the worker with (harness.workers.process sets it).
+POOL_ENV: Final = "HARNESS_POOL"
+
+# The loop a prefork worker's parent made and set before its pool forked (the worker app does
+# it on import, as a preloaded app would), and the parent's pid.
+_inherited: tuple[asyncio.AbstractEventLoop, int] | None = None
+
+
+def make_parent_loop() -> None:
+    """In the parent, before the pool forks: a loop set for the main thread, not running; every
+    child inherits it (and its selector's epoll descriptor, shared with the parent)."""
+    global _inherited
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    _inherited = (loop, os.getpid())
 
 
 # The task message header that picks the mode, and the worker's fallback when it is absent
@@ -72,7 +94,12 @@ def parse_loop_mode(value: str) -> LoopMode:
 
 def expected_runner_line(mode: str) -> tuple[bool, str]:
     """What the fixed runner logs in ``mode``: (detected_running_loop, strategy text)."""
-    if mode in (LoopMode.NO_LOOP, LoopMode.IDLE_LOOP, LoopMode.CLOSED_LOOP):
+    if mode in (
+        LoopMode.NO_LOOP,
+        LoopMode.IDLE_LOOP,
+        LoopMode.CLOSED_LOOP,
+        LoopMode.INHERITED_LOOP,
+    ):
         return False, STRATEGY_ASYNCIO_RUN
     if mode in (LoopMode.RUNNING_LOOP, LoopMode.RUNNING_UVLOOP, IN_PROCESS):
         return True, STRATEGY_THREAD_POOL
@@ -160,6 +187,9 @@ def run_in_mode(mode: str, fn: Callable[..., T], *args: Any, run_id: object = No
     - ``closed_loop``: a loop set for the thread but already closed, as a library leaves it
       after ``loop.close()``. Afterwards the thread's loop must be exactly as before: the same
       loop, still closed (``closed loop check`` line, as for ``idle_loop``).
+    - ``inherited_loop`` (prefork only): the loop the worker's parent made and set before the
+      pool forked, as a preloaded app does, inherited by this child with the parent's epoll
+      descriptor. Afterwards it must still be set and open (``inherited loop check`` line).
     - ``running_loop`` / ``running_uvloop``: ``fn`` is called (synchronously) from a coroutine
       running on a fresh asyncio / uvloop loop in this thread.
 
@@ -209,6 +239,25 @@ def run_in_mode(mode: str, fn: Callable[..., T], *args: Any, run_id: object = No
                 logger.error(IDLE_CHECK_FAILED_TEMPLATE.format(run_id=label, detail=problem))
             asyncio.set_event_loop(None)
             loop.close()
+
+    if selected is LoopMode.INHERITED_LOOP:
+        if _inherited is None or _inherited[1] == os.getpid():
+            raise LoopModeError(
+                "cannot force inherited_loop: this process was not forked from a worker parent "
+                "that made a loop (a prefork pool child of the harness's worker app); "
+                "inherited_loop exists on the prefork pool only"
+            )
+        loop = _inherited[0]
+        asyncio.set_event_loop(loop)  # an earlier run in this child may have unset it
+        try:
+            return fn(*args)
+        finally:
+            problem = _idle_loop_state(loop)
+            if problem is None:
+                logger.info(INHERITED_CHECK_OK_TEMPLATE.format(run_id=label))
+            else:
+                logger.error(INHERITED_CHECK_FAILED_TEMPLATE.format(run_id=label, detail=problem))
+            asyncio.set_event_loop(None)
 
     if selected is LoopMode.CLOSED_LOOP:
         loop = asyncio.new_event_loop()

@@ -38,7 +38,7 @@ from harness.core._lifecycle import StartStop
 from harness.core.errors import SetupError
 from harness.core.logs import LogLine, read_log_file, trace_lines
 from harness.core.target import TARGET_ENV, default_target, default_target_spec, load_target
-from harness.workers.loopmodes import LOOP_MODE_HEADER, LoopMode, parse_loop_mode
+from harness.workers.loopmodes import LOOP_MODE_HEADER, POOL_ENV, LoopMode, parse_loop_mode
 
 __all__ = [
     "CeleryWorkerProcess",
@@ -179,7 +179,7 @@ class CeleryWorkerProcess(StartStop):
         ]  # fmt: skip
         self.env = self._environment(
             env,
-            {TARGET_ENV: self.target_spec, **(extra_env or {})},
+            {TARGET_ENV: self.target_spec, POOL_ENV: pool, **(extra_env or {})},
             drop=(*_DROPPED_ENV_PREFIXES, self.target.env_prefix),
         )
         # The worker imports the Target, its app and its runner from where this process did (a

@@ -12,7 +12,9 @@ that the app stays unaware of the harness. The app, its task and its runner are 
   the Target's runner, so the harness can prove it detects the old bug;
 - wraps the runner so that a message with the ``harness_job_fault`` header has its job raise
   that fault from inside (:mod:`harness.workers.jobfaults`);
-- after each run, logs what the run left behind in the process (:mod:`harness.workers.probe`).
+- after each run, logs what the run left behind in the process (:mod:`harness.workers.probe`);
+- in a prefork worker (``HARNESS_POOL=prefork``), makes and sets a loop in the parent before
+  the pool forks, for the ``inherited_loop`` mode.
 
 Environment (besides the app's own): ``HARNESS_TARGET``, ``HARNESS_DEFAULT_LOOP_MODE``,
 ``HARNESS_RUNNER`` (``fixed``, the default, or ``prefix``), ``HARNESS_BROKER_POLLING_INTERVAL_S``
@@ -41,7 +43,9 @@ from harness.core.target import default_target, resolve
 from harness.workers.jobfaults import job_fault_for_request, raising, wrap_runner
 from harness.workers.loopmodes import (
     DEFAULT_MODE_ENV,
+    POOL_ENV,
     loop_mode_for_request,
+    make_parent_loop,
     parse_loop_mode,
     run_in_mode,
 )
@@ -150,6 +154,9 @@ def _configure(env: Mapping[str, str]) -> str:
     default = env.get(DEFAULT_MODE_ENV, "").strip()
     if default:
         parse_loop_mode(default)  # a typo fails the worker's start, not every task
+    if env.get(POOL_ENV) == "prefork":
+        # Before the pool forks, as a preloaded app that made a loop: the inherited_loop mode.
+        make_parent_loop()
     _tune(env)
     runner = _install_runner(env)
     _install_shim(env)
