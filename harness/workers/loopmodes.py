@@ -176,6 +176,36 @@ def _new_uvloop() -> asyncio.AbstractEventLoop:
     return loop
 
 
+# Each set-loop mode's check after the run: its (ok, failed) line templates.
+_IDLE_CHECK: Final = (IDLE_CHECK_OK_TEMPLATE, IDLE_CHECK_FAILED_TEMPLATE)
+_CLOSED_CHECK: Final = (CLOSED_CHECK_OK_TEMPLATE, CLOSED_CHECK_FAILED_TEMPLATE)
+_INHERITED_CHECK: Final = (INHERITED_CHECK_OK_TEMPLATE, INHERITED_CHECK_FAILED_TEMPLATE)
+
+
+def _with_set_loop(
+    loop: asyncio.AbstractEventLoop,
+    fn: Callable[..., T],
+    args: tuple[Any, ...],
+    state: Callable[[asyncio.AbstractEventLoop], str | None],
+    templates: tuple[str, str],
+    label: object,
+) -> T:
+    """``fn(*args)`` with ``loop`` set for the thread (not running); afterwards ``state(loop)``
+    says whether the thread's loop is as it was, logged with ``templates`` (INFO when it is,
+    ERROR when not, never changing ``fn``'s outcome), and the thread is left with no loop."""
+    asyncio.set_event_loop(loop)
+    try:
+        return fn(*args)
+    finally:
+        problem = state(loop)
+        ok, failed = templates
+        if problem is None:
+            logger.info(ok.format(run_id=label))
+        else:
+            logger.error(failed.format(run_id=label, detail=problem))
+        asyncio.set_event_loop(None)
+
+
 def run_in_mode(mode: str, fn: Callable[..., T], *args: Any, run_id: object = None) -> T:
     """Call ``fn(*args)`` in this thread under ``mode``'s event-loop condition.
 
@@ -228,17 +258,15 @@ def run_in_mode(mode: str, fn: Callable[..., T], *args: Any, run_id: object = No
 
     if selected is LoopMode.IDLE_LOOP:
         loop = asyncio.new_event_loop()
-        asyncio.set_event_loop(loop)
         try:
-            return fn(*args)
+            return _with_set_loop(loop, fn, args, _idle_loop_state, _IDLE_CHECK, label)
         finally:
-            problem = _idle_loop_state(loop)
-            if problem is None:
-                logger.info(IDLE_CHECK_OK_TEMPLATE.format(run_id=label))
-            else:
-                logger.error(IDLE_CHECK_FAILED_TEMPLATE.format(run_id=label, detail=problem))
-            asyncio.set_event_loop(None)
             loop.close()
+
+    if selected is LoopMode.CLOSED_LOOP:
+        loop = asyncio.new_event_loop()
+        loop.close()
+        return _with_set_loop(loop, fn, args, _closed_loop_state, _CLOSED_CHECK, label)
 
     if selected is LoopMode.INHERITED_LOOP:
         if _inherited is None or _inherited[1] == os.getpid():
@@ -247,31 +275,8 @@ def run_in_mode(mode: str, fn: Callable[..., T], *args: Any, run_id: object = No
                 "that made a loop (a prefork pool child of the harness's worker app); "
                 "inherited_loop exists on the prefork pool only"
             )
-        loop = _inherited[0]
-        asyncio.set_event_loop(loop)  # an earlier run in this child may have unset it
-        try:
-            return fn(*args)
-        finally:
-            problem = _idle_loop_state(loop)
-            if problem is None:
-                logger.info(INHERITED_CHECK_OK_TEMPLATE.format(run_id=label))
-            else:
-                logger.error(INHERITED_CHECK_FAILED_TEMPLATE.format(run_id=label, detail=problem))
-            asyncio.set_event_loop(None)
-
-    if selected is LoopMode.CLOSED_LOOP:
-        loop = asyncio.new_event_loop()
-        loop.close()
-        asyncio.set_event_loop(loop)
-        try:
-            return fn(*args)
-        finally:
-            problem = _closed_loop_state(loop)
-            if problem is None:
-                logger.info(CLOSED_CHECK_OK_TEMPLATE.format(run_id=label))
-            else:
-                logger.error(CLOSED_CHECK_FAILED_TEMPLATE.format(run_id=label, detail=problem))
-            asyncio.set_event_loop(None)
+        # Set again: an earlier run in this child may have unset it.
+        return _with_set_loop(_inherited[0], fn, args, _idle_loop_state, _INHERITED_CHECK, label)
 
     async def call() -> T:
         return fn(*args)
