@@ -49,6 +49,12 @@ __all__ = [
 
 DOMAIN: Final = "frontend_prices"
 _HEADER_SOURCE: Final = f"header {LOOP_MODE_HEADER}"
+# The modes that set a loop for the thread, and the shim's line that says it is as it was.
+_LOOP_CHECK_OK: Final = {
+    LoopMode.IDLE_LOOP: IDLE_CHECK_OK_TEMPLATE,
+    LoopMode.CLOSED_LOOP: CLOSED_CHECK_OK_TEMPLATE,
+    LoopMode.INHERITED_LOOP: INHERITED_CHECK_OK_TEMPLATE,
+}
 # A run the API enqueued carries no header: the worker's default mode is forced.
 DEFAULT_MODE_SOURCE: Final = DEFAULT_MODE_ENV
 
@@ -133,12 +139,8 @@ def assert_shim_lines(
     shared = SHARED_LOOP_TEMPLATE.format(run_id=run_id)
     if shared_loop_allowed and shared in [line.headline for line in harness_lines(lines, run_id)]:
         want.append(shared)
-    if mode == LoopMode.IDLE_LOOP:
-        want.append(IDLE_CHECK_OK_TEMPLATE.format(run_id=run_id))
-    if mode == LoopMode.CLOSED_LOOP:
-        want.append(CLOSED_CHECK_OK_TEMPLATE.format(run_id=run_id))
-    if mode == LoopMode.INHERITED_LOOP:
-        want.append(INHERITED_CHECK_OK_TEMPLATE.format(run_id=run_id))
+    if mode in _LOOP_CHECK_OK:
+        want.append(_LOOP_CHECK_OK[mode].format(run_id=run_id))
     got = [line.headline for line in harness_lines(lines, run_id)]
     assert got == want, (
         f"the loop-mode shim's lines for run {run_id} differ:\n  got:  {got}\n  want: {want}"
