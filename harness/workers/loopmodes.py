@@ -141,32 +141,32 @@ def _greenlets_share_the_thread() -> bool:
     return monkey is not None and bool(monkey.is_module_patched("threading"))
 
 
+def _thread_loop_change(loop: asyncio.AbstractEventLoop) -> str | None:
+    """``None`` if ``loop`` is still the loop set for this thread, else what happened to it."""
+    try:
+        # Safe: set_event_loop() was called in this thread, so this never creates a loop (and a
+        # closed loop that is set is returned as it is).
+        current = asyncio.get_event_loop()
+    except RuntimeError:
+        return "no loop is set for the thread any more"
+    if current is not loop:
+        return f"the thread's loop was replaced by {type(current).__name__} {id(current):#x}"
+    return None
+
+
 def _idle_loop_state(loop: asyncio.AbstractEventLoop) -> str | None:
     """``None`` if ``loop`` is still this thread's loop and open, else what happened to it."""
     if loop.is_closed():
         return "the loop was closed"
-    try:
-        # Safe: set_event_loop() was called in this thread, so this never creates a loop.
-        current = asyncio.get_event_loop()
-    except RuntimeError:
-        return "no loop is set for the thread any more"
-    if current is not loop:
-        return f"the thread's loop was replaced by {type(current).__name__} {id(current):#x}"
-    return None
+    return _thread_loop_change(loop)
 
 
 def _closed_loop_state(loop: asyncio.AbstractEventLoop) -> str | None:
     """``None`` if ``loop`` is still this thread's loop and still closed, else what changed."""
-    try:
-        # A closed loop that is set is returned as it is: get_event_loop() creates none here.
-        current = asyncio.get_event_loop()
-    except RuntimeError:
-        return "no loop is set for the thread any more"
-    if current is not loop:
-        return f"the thread's loop was replaced by {type(current).__name__} {id(current):#x}"
-    if not loop.is_closed():
+    change = _thread_loop_change(loop)
+    if change is None and not loop.is_closed():
         return "the closed loop was reopened"
-    return None
+    return change
 
 
 def _new_uvloop() -> asyncio.AbstractEventLoop:
