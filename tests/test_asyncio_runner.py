@@ -31,6 +31,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 
 from app.utils import asyncio_runner
 from app.utils.asyncio_runner import run_async_safe
+from tests._children import run_program
 
 R = TypeVar("R")
 
@@ -849,16 +850,5 @@ def test_under_gevent_calls_in_flight_at_once_each_run_on_their_own_loop() -> No
     # from a running loop, must each get a loop of their own, overlap, and start no OS thread
     # (a real OS thread shares gevent's patched import and logging locks, whose wake-ups gevent
     # loses across threads). In a process of its own: the patching cannot be undone.
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    done = subprocess.run(
-        [sys.executable, "-c", _GEVENT_PROGRAM],
-        cwd=Path(__file__).resolve().parent.parent,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    done = run_program(_GEVENT_PROGRAM)
     assert (done.returncode, done.stdout.strip(), done.stderr) == (0, "ok", ""), done.stderr[-3000:]

@@ -33,6 +33,7 @@ from harness.workers.loopmodes import (
     parse_loop_mode,
     run_in_mode,
 )
+from tests._children import run_program
 
 
 @pytest.fixture(autouse=True)
@@ -374,18 +375,7 @@ def test_under_gevent_a_run_started_under_another_greenlets_loop_says_so() -> No
     # one per greenlet: the shim cannot hide it, so it must say so (the scenarios then expect
     # the runner to detect a loop) instead of failing the run or hanging. A process of its own:
     # the patching cannot be undone.
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    done = subprocess.run(
-        [sys.executable, "-c", _SHARED_LOOP_PROGRAM],
-        cwd=Path(__file__).resolve().parent.parent,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    done = run_program(_SHARED_LOOP_PROGRAM)
     assert done.returncode == 0, done.stderr[-3000:]
     out = done.stdout.splitlines()
     assert "values ['first', 'no_loop', 'idle_loop', 'running_loop']" in out, done.stdout
@@ -486,18 +476,7 @@ parent_loop.close()
 
 def test_inherited_loop_is_the_parents_loop_in_a_forked_child() -> None:
     # In a process of its own: it forks.
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    done = subprocess.run(
-        [sys.executable, "-c", _FORK_PROGRAM],
-        cwd=Path(__file__).resolve().parent.parent,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    done = run_program(_FORK_PROGRAM)
     assert done.returncode == 0, done.stderr[-3000:]
     out = done.stdout.splitlines()
     assert "INFO inherited loop check for run 5: still set and open" in out, done.stdout
