@@ -49,7 +49,7 @@ def test_cell(matrix_cell):
 @pytest.fixture
 def project(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> pytest.Pytester:
     # The outer session's own settings must not reach the inner one.
-    for name in ("LOOP_MODE", "POOL", "BROKER", "SERVICES", "RUNNER"):
+    for name in ("LOOP_MODE", "POOL", "BROKER", "SERVICES", "RUNNER", "PYTHON", "WORKER_PYTHON"):
         monkeypatch.delenv(f"HARNESS_{name}", raising=False)
     pytester.makeconftest(STAND_INS)
     pytester.makeini(BASE_INI)
@@ -601,3 +601,30 @@ def test_a_bad_deadline_is_a_usage_error(
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     assert message in result.stderr.str()
     assert "Traceback" not in result.stderr.str()
+
+
+# -- --python ------------------------------------------------------------------------------------
+
+
+def test_a_python_that_is_not_here_skips_the_worker_cells_with_its_reason(
+    project: pytest.Pytester,
+) -> None:
+    result = project.runpytest("--python=3.99", "-rs")
+    # The in_process cell runs on this interpreter; the 16 worker cells are skipped, saying why.
+    result.assert_outcomes(passed=1, skipped=16)
+    result.stdout.fnmatch_lines(["*no CPython 3.99 here (looked in PATH, pyenv*"])
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--python=3.x"], "--python: '3.x' is not a list of CPython versions"),
+        (["--python=3.11,3.12"], "--python: a pytest session runs its workers on one interpreter"),
+    ],
+)
+def test_a_bad_python_is_a_usage_error(
+    project: pytest.Pytester, args: list[str], message: str
+) -> None:
+    result = project.runpytest_subprocess("--collect-only", *args)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    assert message in result.stderr.str()

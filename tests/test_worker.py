@@ -7,6 +7,7 @@ environment, pool or fate start their own. Runs are inserted directly in ``inges
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import socket
 import time
@@ -17,6 +18,7 @@ import psutil
 import pytest
 import redis
 
+from harness.core import pythons
 from harness.core.cell import mode_applies
 from harness.core.logs import (
     CLOSED_CHECK_OK_TEMPLATE,
@@ -40,6 +42,7 @@ from harness.workers.marketplace import MarketplaceServer
 from harness.workers.process import CeleryWorkerProcess, WorkerStartError, app_env, mask_secrets
 
 integration = pytest.mark.integration
+ROOT = Path(__file__).resolve().parent.parent
 
 HEADER_SOURCE = "header harness_loop_mode"
 PRE_FIX_ERROR = f"RuntimeError: {FORBIDDEN_TEXT}"
@@ -528,3 +531,35 @@ def test_an_unreachable_broker_fails_the_start_with_the_password_masked(
     assert elapsed < 6.0  # the deadline plus about one ping: no endless retrying
     assert worker.returncode == -signal.SIGKILL
     assert worker.group_pids() == []
+
+
+@integration
+@pytest.mark.parametrize("version", ["3.12", "3.13"])
+def test_a_worker_runs_on_the_interpreter_python_names(
+    worker_env: dict[str, str],
+    log_dir: Path,
+    runs: RunStore,
+    marketplace: MarketplaceServer,
+    marketplace_code: str,
+    monkeypatch: pytest.MonkeyPatch,
+    version: str,
+) -> None:
+    """--python: the workers' venv on that CPython, built once (``~/.cache``), runs every mode."""
+    if pythons.find_interpreter(version) is None:
+        pytest.skip(f"no CPython {version} on this machine")
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ingest-harness"
+    python = pythons.worker_python(version, root=ROOT, cache=cache / "pythons")
+    monkeypatch.setenv(pythons.WORKER_PYTHON_ENV, str(python))
+    modes = dict(enumerate(["no_loop", "closed_loop", "running_loop"], start=1))
+    with CeleryWorkerProcess(env=worker_env, log_dir=log_dir, pool="solo") as worker:
+        assert worker.command[0] == str(python)
+        results = run_in_worker(worker, runs, modes, marketplace_code=marketplace_code)
+        said = [
+            line.message
+            for line in worker.log_lines()
+            if line.message.startswith("harness worker app: ")
+        ]
+    assert len(said) == 1 and f", Python {version}." in said[0], said
+    for project_id, (row, lines) in results.items():
+        assert_success(row)
+        assert_mode_log(lines, row, modes[project_id])

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import datetime as dt
 import importlib.metadata
 import json
@@ -28,6 +29,7 @@ import pytest
 from harness.core.cell import BROKERS, MATRIX_MODES, POOLS, RUNNERS, Cell
 from harness.core.config import ConfigError, HarnessConfig
 from harness.core.errors import UsageError
+from harness.core.pythons import PYTHON_ENV, find_interpreter, parse_versions
 from harness.matrix.report import (
     EXIT_ERROR,
     EXIT_NOT_PASSED,
@@ -155,6 +157,13 @@ def _add_common(
         + "|".join(RUNNERS)
         + " (default: fixed; prefix injects the pre-fix plain asyncio.run(), so the running_* "
         "cells must fail: the harness proving it detects the runbook's bug)",
+    )
+    run.add_argument(
+        "--python",
+        metavar="VERSIONS",
+        help="CPython versions the Celery workers run on, comma-separated (e.g. 3.11,3.12,3.13; "
+        "default: this interpreter, or HARNESS_PYTHON): the matrix once per version, each in a "
+        "venv of its own built once; a version not found here has its cells skipped",
     )
     run.add_argument(
         "--no-services",
@@ -311,6 +320,7 @@ class Options:
     runs: int
     pytest_args: tuple[str, ...]
     hog: bool = False
+    pythons: tuple[str, ...] = ()
 
     @property
     def pytest_log(self) -> Path:
@@ -380,6 +390,15 @@ def parse_options(argv: Sequence[str]) -> Options:
             f"--scenarios: {str(scenarios)!r} does not exist (looked in {Path.cwd()}); run "
             "from the project root or pass --scenarios PATH"
         )
+    python_source, python_value = (
+        ("--python", ns.python)
+        if getattr(ns, "python", None)
+        else (PYTHON_ENV, os.environ.get(PYTHON_ENV, ""))
+    )
+    try:
+        versions = parse_versions(python_value, option=python_source) if python_value else ()
+    except UsageError as exc:
+        raise UsageProblem(str(exc)) from None
     pytest_args = tuple(extra)
     if ns.command == "stress":
         pytest_args = (*_STRESS_PYTEST_ARGS, *pytest_args)
@@ -394,6 +413,7 @@ def parse_options(argv: Sequence[str]) -> Options:
         start_services=not ns.no_services,
         runs=runs,
         pytest_args=pytest_args,
+        pythons=versions,
     )
 
 
@@ -612,7 +632,35 @@ def run_matrix(opts: Options, services: Services | None) -> MatrixResult:
 
 def _cmd_matrix(opts: Options) -> int:
     with _services(opts) as services:
-        return run_matrix(opts, services).exit_code
+        if not opts.pythons:
+            return run_matrix(opts, services).exit_code
+        return _matrix_per_python(opts, services)
+
+
+_PLACES: Final = ("PATH", "pyenv", "uv", "asdf", "/usr/local/bin", "/usr/bin")
+
+
+def _matrix_per_python(opts: Options, services: Services | None) -> int:
+    """The matrix once per ``--python`` version: its workers on that interpreter (the
+    in_process cell stays on this one), its report beside ``--report`` with the version. A
+    version not found here is skipped with its reason and fails nothing."""
+    verdicts = []
+    code = EXIT_OK
+    for version in opts.pythons:
+        if find_interpreter(version) is None:
+            # Not this service's failure: said with its reason, and the other versions run.
+            verdicts.append(f"Python {version}: skipped: no CPython {version} found here")
+            print(f"\n=== Python {version}: skipped: not found ({', '.join(_PLACES)})")
+            continue
+        print(f"\n=== Python {version} (pytest and in_process: {platform.python_version()})")
+        report = opts.report.with_name(f"{opts.report.stem}-py{version}{opts.report.suffix}")
+        one = dataclasses.replace(opts, report=report, pythons=())
+        with _patched_environ({PYTHON_ENV: version}):
+            result = run_matrix(one, services)
+        verdicts.append(f"Python {version}: {_verdict(result)}")
+        code = max(code, result.exit_code)
+    print("\n" + "\n".join(verdicts), flush=True)
+    return code
 
 
 # -- harness flake --------------------------------------------------------------------------

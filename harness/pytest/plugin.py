@@ -14,13 +14,24 @@ import os
 import signal
 import threading
 from collections.abc import Generator
+from pathlib import Path
 from types import FrameType
 from typing import Final
 
 import pytest
 
-from harness.core.cell import BROKERS, MATRIX_MODES, POOLS, RUNNERS, SERVICE_MODES, worker_group
+from harness.core import pythons
+from harness.core.cell import (
+    BROKERS,
+    MATRIX_MODES,
+    POOLS,
+    RUNNERS,
+    SERVICE_MODES,
+    Cell,
+    worker_group,
+)
 from harness.core.config import ConfigError, HarnessConfig
+from harness.core.errors import UsageError
 from harness.core.target import TARGET_ENV, TARGET_INI, TargetError, load_target
 from harness.pytest import deadline
 from harness.pytest.stash import (
@@ -106,6 +117,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         group.addoption(flag, dest=f"harness_{name}", default=None, help=help_text)
         parser.addini(f"harness_{name}", help_text, default=None)
     deadline.add_options(parser)
+    python_help = (
+        "the CPython version the Celery workers run on, e.g. 3.12, in a venv of their own "
+        f"(default: this interpreter; or ${pythons.PYTHON_ENV}); harness matrix --python "
+        "3.11,3.12 runs one session per version"
+    )
+    group.addoption("--python", dest="harness_python", default=None, help=python_help)
+    parser.addini("harness_python", python_help, default=None)
     parser.addini(
         TARGET_INI,
         "the harness Target of the Celery app under test: package.module:NAME "
@@ -147,6 +165,55 @@ def _set_target(config: pytest.Config) -> None:
     config.add_cleanup(restore)
 
 
+_PYTHON_SKIP: Final = pytest.StashKey[str]()
+
+
+def _worker_python(config: pytest.Config) -> None:
+    """``--python``: the workers' interpreter, its venv built once; where it is not here, the
+    reason their tests are skipped with."""
+    sources = (
+        ("--python", config.getoption("harness_python")),
+        ("harness_python (ini)", config.getini("harness_python")),
+        (pythons.PYTHON_ENV, os.environ.get(pythons.PYTHON_ENV)),
+    )
+    source, value = next(((s, str(v)) for s, v in sources if v not in (None, "")), ("", ""))
+    if not value:
+        return
+    try:
+        versions = pythons.parse_versions(value, option=source)
+    except UsageError as exc:
+        raise pytest.UsageError(str(exc)) from None
+    if len(versions) != 1:
+        raise pytest.UsageError(
+            f"{source}: a pytest session runs its workers on one interpreter, got {value!r}; "
+            "harness matrix --python 3.11,3.12,3.13 runs one session per version"
+        )
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ingest-harness"
+    try:
+        python = pythons.worker_python(versions[0], root=config.rootpath, cache=cache / "pythons")
+    except pythons.PythonNotFound as exc:
+        config.stash[_PYTHON_SKIP] = str(exc)
+        return
+    before = os.environ.get(pythons.WORKER_PYTHON_ENV)
+    os.environ[pythons.WORKER_PYTHON_ENV] = str(python)
+
+    def restore() -> None:
+        if before is None:
+            os.environ.pop(pythons.WORKER_PYTHON_ENV, None)
+        else:
+            os.environ[pythons.WORKER_PYTHON_ENV] = before
+
+    config.add_cleanup(restore)
+
+
+def _runs_a_worker(item: pytest.Item) -> bool:
+    callspec = getattr(item, "callspec", None)
+    cell = callspec.params.get(CELL_FIXTURE) if callspec is not None else None
+    if isinstance(cell, Cell):
+        return not cell.in_process
+    return POOL_FIXTURE in getattr(item, "fixturenames", ())
+
+
 def _start_deadline(config: pytest.Config) -> None:
     seconds = deadline.configured_deadline(config)
     if seconds == 0 or not deadline.DeadlinePlugin.usable():
@@ -181,6 +248,7 @@ def pytest_configure(config: pytest.Config) -> None:
         "(harness.pytest.deadline)",
     )
     _start_deadline(config)
+    _worker_python(config)
     # pytest-xdist registers it too; here for --strict-markers in a session without xdist.
     config.addinivalue_line("markers", "xdist_group(name): pytest-xdist's --dist loadgroup group")
     try:
@@ -354,6 +422,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if dropped:
         config.hook.pytest_deselected(items=dropped)
         items[:] = keep
+    reason = config.stash.get(_PYTHON_SKIP, None)
+    if reason is not None:
+        for item in items:
+            if _runs_a_worker(item):
+                item.add_marker(pytest.mark.skip(reason=reason))
 
 
 # -- failure evidence (harness.pytest.stash) -----------------------------------------------

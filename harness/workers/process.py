@@ -37,6 +37,7 @@ from celery import Celery
 from harness.core._lifecycle import StartStop
 from harness.core.errors import SetupError
 from harness.core.logs import LogLine, read_log_file, trace_lines
+from harness.core.pythons import WORKER_PYTHON_ENV
 from harness.core.target import TARGET_ENV, default_target, default_target_spec, load_target
 from harness.workers.loopmodes import LOOP_MODE_HEADER, POOL_ENV, LoopMode, parse_loop_mode
 
@@ -171,8 +172,10 @@ class CeleryWorkerProcess(StartStop):
         self.app = app
         self.start_timeout = start_timeout
         self.log_path = Path(log_dir).resolve() / f"worker-{_safe_file_name(self.node_name)}.log"
+        # The interpreter: this one, or the venv --python built (harness.core.pythons).
+        python = os.environ.get(WORKER_PYTHON_ENV) or sys.executable
         self.command: list[str] = [
-            sys.executable, "-m", "celery", "-A", app, "worker",
+            python, "-m", "celery", "-A", app, "worker",
             "-P", pool, "-c", str(concurrency), "-Q", self.queue, "-n", self.node_name,
             "--without-gossip", "--without-mingle", "--without-heartbeat",
             "--loglevel", loglevel, "--logfile", str(self.log_path),

@@ -30,6 +30,7 @@ import gc
 import importlib
 import logging
 import os
+import platform
 from collections.abc import Coroutine, Mapping
 from typing import Any, Final, TypeVar
 from urllib.parse import urlsplit
@@ -184,10 +185,12 @@ def _on_worker_ready(sender: Any = None, **_: Any) -> None:
         hub.call_repeatedly(_WAKE_UP_S, _noop)
     # Logged once logging is set up, so the worker's log says how it was configured.
     logger.info(
-        "harness worker app: runner=%s, default loop mode=%s, broker polling interval=%s",
+        "harness worker app: runner=%s, default loop mode=%s, broker polling interval=%s, "
+        "Python %s",
         _RUNNER,
         os.environ.get(DEFAULT_MODE_ENV) or "no_loop",
         (celery_app.conf.broker_transport_options or {}).get("polling_interval", "default"),
+        platform.python_version(),
     )
 
 
