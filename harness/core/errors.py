@@ -20,6 +20,7 @@ start, ``AssertionError`` for a check that failed, so pytest reports it as a fai
      │    ├── WorkerStartError                a Celery worker never answered a ping; its log
      │    ├── ServerStartError                a uvicorn or marketplace server never answered
      │    ├── PortInUseError                  a fixed port of the stack is taken
+     │    ├── PythonNotFound                  no CPython of a --python version here (a skip)
      │    └── ChromiumNotFoundError           no headless Chromium for the UI checks
      └── CheckFailed (AssertionError)         what the service did is not what it promises
           ├── RunAssertionError               a run's row or log lines
