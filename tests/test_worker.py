@@ -7,7 +7,6 @@ environment, pool or fate start their own. Runs are inserted directly in ``inges
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import socket
 import time
@@ -547,8 +546,7 @@ def test_a_worker_runs_on_the_interpreter_python_names(
     """--python: the workers' venv on that CPython, built once (``~/.cache``), runs every mode."""
     if pythons.find_interpreter(version) is None:
         pytest.skip(f"no CPython {version} on this machine")
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ingest-harness"
-    python = pythons.worker_python(version, root=ROOT, cache=cache / "pythons")
+    python = pythons.worker_python(version, root=ROOT, cache=pythons.default_cache())
     monkeypatch.setenv(pythons.WORKER_PYTHON_ENV, str(python))
     modes = dict(enumerate(["no_loop", "closed_loop", "running_loop"], start=1))
     with CeleryWorkerProcess(env=worker_env, log_dir=log_dir, pool="solo") as worker:

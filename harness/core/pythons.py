@@ -29,6 +29,7 @@ __all__ = [
     "PYTHON_ENV",
     "WORKER_PYTHON_ENV",
     "PythonNotFound",
+    "default_cache",
     "find_interpreter",
     "parse_versions",
     "search_places",
@@ -97,6 +98,13 @@ def find_interpreter(version: str, env: Mapping[str, str] | None = None) -> Path
             if os.access(path, os.X_OK) and _reports(path) == version:
                 return Path(path)
     return None
+
+
+def default_cache(env: Mapping[str, str] | None = None) -> Path:
+    """Where the workers' venvs live: ``$XDG_CACHE_HOME`` (or ``~/.cache``)/ingest-harness."""
+    environ = os.environ if env is None else env
+    base = environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "ingest-harness" / "pythons"
 
 
 def _requirements(root: Path) -> list[str]:

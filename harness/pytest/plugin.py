@@ -14,7 +14,6 @@ import os
 import signal
 import threading
 from collections.abc import Generator
-from pathlib import Path
 from types import FrameType
 from typing import Final
 
@@ -31,7 +30,7 @@ from harness.core.cell import (
     worker_group,
 )
 from harness.core.config import ConfigError, HarnessConfig
-from harness.core.errors import UsageError
+from harness.core.errors import SetupError, UsageError
 from harness.core.target import TARGET_ENV, TARGET_INI, TargetError, load_target
 from harness.pytest import deadline
 from harness.pytest.stash import (
@@ -188,12 +187,15 @@ def _worker_python(config: pytest.Config) -> None:
             f"{source}: a pytest session runs its workers on one interpreter, got {value!r}; "
             "harness matrix --python 3.11,3.12,3.13 runs one session per version"
         )
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ingest-harness"
     try:
-        python = pythons.worker_python(versions[0], root=config.rootpath, cache=cache / "pythons")
+        python = pythons.worker_python(
+            versions[0], root=config.rootpath, cache=pythons.default_cache()
+        )
     except pythons.PythonNotFound as exc:
         config.stash[_PYTHON_SKIP] = str(exc)
         return
+    except SetupError as exc:  # the venv could not be built: its pip output, not a traceback
+        raise pytest.UsageError(f"{source}: {exc}") from None
     before = os.environ.get(pythons.WORKER_PYTHON_ENV)
     os.environ[pythons.WORKER_PYTHON_ENV] = str(python)
 
