@@ -234,6 +234,9 @@ def test_matrix_starts_services_once_and_hands_them_to_pytest(
         return 0
 
     monkeypatch.setattr(cli, "run_pytest", fake_pytest)
+    step_summary = tmp_path / "step-summary.md"
+    step_summary.write_text("earlier step\n", encoding="utf-8")
+    monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(step_summary))
     code = cli.main(["matrix", "--services=local", "--loop-mode=in_process"])
 
     assert code == 0
@@ -264,6 +267,11 @@ def test_matrix_starts_services_once_and_hands_them_to_pytest(
         "images": {},
     }
     assert "services: local; postgres 15.9; redis 7.0.15" in out
+    # The Markdown summary beside the JSON, and appended to CI's step summary.
+    markdown = (tmp_path / "reports" / "matrix.md").read_text(encoding="utf-8")
+    assert markdown.startswith("## ingest-harness matrix: PASS\n")
+    assert "| in_process | ✅ pass 1 · " in markdown
+    assert step_summary.read_text(encoding="utf-8") == "earlier step\n" + markdown + "\n"
 
 
 def test_services_unavailable_exits_2_with_its_message(

@@ -30,6 +30,7 @@ from harness.core.cell import BROKERS, MATRIX_MODES, POOLS, RUNNERS, Cell
 from harness.core.config import ConfigError, HarnessConfig
 from harness.core.errors import UsageError
 from harness.core.pythons import PYTHON_ENV, find_interpreter, parse_versions
+from harness.matrix.markdown import publish_markdown
 from harness.matrix.report import (
     EXIT_ERROR,
     EXIT_NOT_PASSED,
@@ -624,8 +625,19 @@ def run_matrix(opts: Options, services: Services | None) -> MatrixResult:
         print()
         print(details)
     write_json(opts.report, to_json(result, versions(services)))
+    markdown = opts.report.with_suffix(".md")
+    python = os.environ.get(PYTHON_ENV)
+    summary = publish_markdown(
+        result,
+        markdown,
+        title="ingest-harness matrix" + (f" (Python {python})" if python else ""),
+    )
     print()
-    print(f"report: {opts.report}   pytest output: {opts.pytest_log}")
+    print(
+        f"report: {opts.report}   summary: {markdown}"
+        + (f" (and {summary})" if summary else "")
+        + f"   pytest output: {opts.pytest_log}"
+    )
     print(_verdict(result), flush=True)
     return result
 

@@ -1,0 +1,116 @@
+"""The matrix as Markdown: ``reports/matrix.md``, and CI's step summary.
+
+``harness matrix`` writes it beside its JSON report, and appends it to the file that
+``$GITHUB_STEP_SUMMARY`` names when that variable is set (GitHub Actions shows that file on the
+run's page). It holds the grid with a status mark in each cell and, below it, one line per
+failure, skip and error: what a reviewer reads before opening the log.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Final
+
+from harness.core.cell import Cell
+from harness.matrix.report import (
+    EXIT_ERROR,
+    EXIT_OK,
+    CellSummary,
+    MatrixResult,
+    format_ms,
+)
+
+__all__ = ["STEP_SUMMARY_ENV", "publish_markdown", "render_markdown"]
+
+STEP_SUMMARY_ENV: Final = "GITHUB_STEP_SUMMARY"
+_MARKS: Final = {
+    "pass": "✅",
+    "fail": "❌",
+    "skipped": "⏭️",
+    "interrupted": "⚠️",
+    "not_run": "⬜",
+}
+_NOT_APPLICABLE: Final = "·"
+
+
+def _escape(text: str) -> str:
+    """One table cell or list item: a single line, with no ``|`` to split a table row."""
+    first = text.strip().splitlines()[0] if text.strip() else ""
+    return first.replace("|", "\\|")
+
+
+def _cell(summary: CellSummary) -> str:
+    mark = _MARKS[summary.status]
+    median = format_ms(summary.median_run_ms)
+    if summary.status == "pass":
+        return f"{mark} pass {summary.scenarios} · {median}"
+    if summary.status == "fail":
+        return f"{mark} FAIL {summary.failed}/{summary.scenarios} · {median}"
+    if summary.status == "skipped":
+        return f"{mark} skipped {summary.scenarios}"
+    if summary.status == "interrupted":
+        return f"{mark} INTERRUPTED {summary.passed}/{summary.scenarios}"
+    return f"{mark} NOT RUN"
+
+
+def render_markdown(result: MatrixResult, *, title: str = "ingest-harness matrix") -> str:
+    """The grid (loop modes by pool x broker) with status marks, then one line per problem."""
+    cells = result.cells()
+    verdict = {EXIT_OK: "PASS", EXIT_ERROR: "ERROR"}.get(result.exit_code, "FAIL")
+    counts = ", ".join(
+        f"{n} {status.replace('_', ' ')}"
+        for status in _MARKS
+        if (n := sum(c.status == status for c in cells))
+    )
+    columns = [(pool, broker) for broker in result.brokers for pool in result.pools]
+    summaries: Mapping[Cell, CellSummary] = {s.cell: s for s in cells}
+    lines = [
+        f"## {title}: {verdict}",
+        "",
+        f"{len(cells)} cells: {counts or 'none'}",
+        "",
+        "| loop mode | " + " | ".join(f"{pool}/{broker}" for pool, broker in columns) + " |",
+        "| --- |" + " --- |" * len(columns),
+    ]
+    for mode in result.loop_modes:
+        row = []
+        for index, (pool, broker) in enumerate(columns):
+            cell = Cell(mode) if mode == "in_process" else Cell(mode, pool, broker)
+            found = summaries.get(cell) if mode != "in_process" or index == 0 else None
+            row.append(_cell(found) if found is not None else _NOT_APPLICABLE)
+        lines.append(f"| {mode} | " + " | ".join(row) + " |")
+    problems = [f"- ⚠️ error: {_escape(error)}" for error in result.errors]
+    for summary in cells:
+        for test, message in summary.failures:
+            problems.append(f"- ❌ `{summary.cell.label}` `{test}`: {_escape(message)}")
+        if summary.skip_reason:
+            problems.append(f"- ⏭️ `{summary.cell.label}`: {_escape(summary.skip_reason)}")
+    for record in result.unassigned():
+        if record.outcome == "failed":
+            problems.append(f"- ❌ `{record.nodeid}`: {_escape(record.message or 'failed')}")
+    if problems:
+        lines += ["", *problems]
+    return "\n".join(lines) + "\n"
+
+
+def publish_markdown(
+    result: MatrixResult,
+    path: Path,
+    *,
+    title: str = "ingest-harness matrix",
+    env: Mapping[str, str] | None = None,
+) -> Path | None:
+    """Write ``path``; append the same to ``$GITHUB_STEP_SUMMARY`` if set (returned)."""
+    text = render_markdown(result, title=title)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+    summary = (os.environ if env is None else env).get(STEP_SUMMARY_ENV, "").strip()
+    if not summary:
+        return None
+    with Path(summary).open("a", encoding="utf-8") as out:
+        out.write(text + "\n")
+    return Path(summary)
