@@ -35,7 +35,7 @@ from harness.core.logs import (
     task_lines,
 )
 from harness.core.runs import RunStore
-from harness.workers.loopmodes import DEFAULT_MODE_ENV, LOOP_MODE_HEADER, LoopMode
+from harness.workers.loopmodes import DEFAULT_MODE_ENV, HEADER_SOURCE, LoopMode
 
 __all__ = [
     "DEFAULT_MODE_SOURCE",
@@ -48,7 +48,6 @@ __all__ = [
 ]
 
 DOMAIN: Final = "frontend_prices"
-_HEADER_SOURCE: Final = f"header {LOOP_MODE_HEADER}"
 # The modes that set a loop for the thread, and the shim's line that says it is as it was.
 _LOOP_CHECK_OK: Final = {
     LoopMode.IDLE_LOOP: IDLE_CHECK_OK_TEMPLATE,
@@ -121,7 +120,7 @@ def assert_shim_lines(
     *,
     shared_loop_allowed: bool = False,
     job_fault: str | None = None,
-    source: str = _HEADER_SOURCE,
+    source: str = HEADER_SOURCE,
 ) -> None:
     """The harness's own lines for the run: the mode it forced, and for ``idle_loop`` that the
     thread's idle loop was still set and open after the run (the runner must not clobber it),

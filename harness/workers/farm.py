@@ -41,7 +41,7 @@ from harness.core.logs import (
 from harness.core.runs import RunNotTerminalError, RunRow, RunStore
 from harness.services import Services, mask_dsn
 from harness.workers.jobfaults import JOB_FAULT_HEADER, JobFault, parse_job_fault
-from harness.workers.loopmodes import LOOP_MODE_HEADER
+from harness.workers.loopmodes import HEADER_SOURCE
 from harness.workers.process import CeleryWorkerProcess, app_env, mask_secrets
 
 __all__ = [
@@ -495,7 +495,7 @@ class WorkerRuns:
         """The shim says it forced the mode the run was sent in: a run that ran in another mode
         (a worker without the shim, a header lost on the way) proves nothing about its cell."""
         want = LOOP_MODE_TEMPLATE.format(
-            run_id=sent.run_id, mode=sent.loop_mode, source=f"header {LOOP_MODE_HEADER}"
+            run_id=sent.run_id, mode=sent.loop_mode, source=HEADER_SOURCE
         )
         said = [line.headline for line in harness_lines(lines, sent.run_id)]
         if want not in said:

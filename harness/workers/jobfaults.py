@@ -26,6 +26,7 @@ from collections.abc import Callable, Coroutine, Iterator
 from typing import Any, Final, TypeVar
 
 from harness.core.errors import UsageError
+from harness.workers.loopmodes import message_header
 
 __all__ = [
     "FAULT_AFTER_S",
@@ -70,11 +71,7 @@ def parse_job_fault(value: str) -> JobFault:
 
 def job_fault_for_request(request: Any) -> JobFault | None:
     """The fault a task message asks for, from its headers (as for the loop mode)."""
-    if request is None:
-        return None
-    value = request.get(JOB_FAULT_HEADER)
-    if value is None:
-        value = (getattr(request, "headers", None) or {}).get(JOB_FAULT_HEADER)
+    value = message_header(request, JOB_FAULT_HEADER)
     return None if value is None else parse_job_fault(str(value))
 
 

@@ -31,6 +31,7 @@ from harness.core.logs import (
 
 __all__ = [
     "DEFAULT_MODE_ENV",
+    "HEADER_SOURCE",
     "IN_PROCESS",
     "LOOP_MODES",
     "LOOP_MODE_HEADER",
@@ -41,6 +42,7 @@ __all__ = [
     "expected_runner_line",
     "loop_mode_for_request",
     "make_parent_loop",
+    "message_header",
     "parse_loop_mode",
     "run_in_mode",
 ]
@@ -70,6 +72,8 @@ def make_parent_loop() -> None:
 # The task message header that picks the mode, and the worker's fallback when it is absent
 # (a run enqueued by the API, which knows nothing of the harness).
 LOOP_MODE_HEADER: Final = "harness_loop_mode"
+# How the shim's line names a mode that came from that header.
+HEADER_SOURCE: Final = f"header {LOOP_MODE_HEADER}"
 DEFAULT_MODE_ENV: Final = "HARNESS_DEFAULT_LOOP_MODE"
 
 
@@ -106,20 +110,27 @@ def expected_runner_line(mode: str) -> tuple[bool, str]:
     raise LoopModeError(f"unknown loop mode {mode!r}; valid modes: {', '.join(MATRIX_MODES)}")
 
 
-def loop_mode_for_request(request: Any, env: Mapping[str, str]) -> tuple[LoopMode, str]:
-    """The mode for one task message, and where it came from (for the log line).
+def message_header(request: Any, name: str) -> object | None:
+    """A custom header of the task message ``request`` is running, or None.
 
     Celery copies the message headers onto ``task.request``: a custom header is both an
     attribute (``request.get(name)``) and an entry of ``request.headers``, the dict of the
     non-Celery headers. The attribute is read first, ``headers`` covers a request built
     without it (``apply(headers=...)`` in eager mode).
     """
-    value = request.get(LOOP_MODE_HEADER) if request is not None else None
-    if value is None and request is not None:
-        headers = getattr(request, "headers", None) or {}
-        value = headers.get(LOOP_MODE_HEADER)
+    if request is None:
+        return None
+    value: object | None = request.get(name)
+    if value is None:
+        value = (getattr(request, "headers", None) or {}).get(name)
+    return value
+
+
+def loop_mode_for_request(request: Any, env: Mapping[str, str]) -> tuple[LoopMode, str]:
+    """The mode for one task message, and where it came from (for the log line)."""
+    value = message_header(request, LOOP_MODE_HEADER)
     if value is not None:
-        return parse_loop_mode(str(value)), f"header {LOOP_MODE_HEADER}"
+        return parse_loop_mode(str(value)), HEADER_SOURCE
     default = env.get(DEFAULT_MODE_ENV, "").strip()
     if default:
         return parse_loop_mode(default), DEFAULT_MODE_ENV
