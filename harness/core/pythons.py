@@ -27,6 +27,7 @@ from harness.core.errors import SetupError, UsageError
 
 __all__ = [
     "PYTHON_ENV",
+    "SEARCHED",
     "WORKER_PYTHON_ENV",
     "PythonNotFound",
     "default_cache",
@@ -39,6 +40,8 @@ __all__ = [
 PYTHON_ENV: Final = "HARNESS_PYTHON"
 # The interpreter the harness starts Celery workers with (harness.workers.process).
 WORKER_PYTHON_ENV: Final = "HARNESS_WORKER_PYTHON"
+# Where find_interpreter looks, as said to a user (search_places has the globs).
+SEARCHED: Final = "PATH, pyenv, uv and asdf folders, /usr/local/bin, /usr/bin"
 _VERSION_RE: Final = re.compile(r"^3\.\d{1,2}$")
 # What the workers need besides the project's runtime dependencies: the gevent pool.
 _EXTRA: Final = ("gevent>=24.2",)
@@ -125,9 +128,8 @@ def worker_python(
     interpreter = find_interpreter(version, environ)
     if interpreter is None:
         raise PythonNotFound(
-            f"no CPython {version} here (looked in PATH, pyenv, uv and asdf folders, "
-            f"/usr/local/bin, /usr/bin): its cells are skipped; install it, or drop it from "
-            f"--python / {PYTHON_ENV}"
+            f"no CPython {version} here (looked in {SEARCHED}): its cells are skipped; "
+            f"install it, or drop it from --python / {PYTHON_ENV}"
         )
     requirements = _requirements(root)
     digest = hashlib.sha256("\n".join([str(interpreter), *requirements]).encode()).hexdigest()

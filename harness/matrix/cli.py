@@ -29,7 +29,7 @@ import pytest
 from harness.core.cell import BROKERS, MATRIX_MODES, POOLS, RUNNERS, Cell
 from harness.core.config import ConfigError, HarnessConfig
 from harness.core.errors import UsageError
-from harness.core.pythons import PYTHON_ENV, find_interpreter, parse_versions
+from harness.core.pythons import PYTHON_ENV, SEARCHED, find_interpreter, parse_versions
 from harness.matrix.markdown import publish_markdown
 from harness.matrix.report import (
     EXIT_ERROR,
@@ -649,9 +649,6 @@ def _cmd_matrix(opts: Options) -> int:
         return _matrix_per_python(opts, services)
 
 
-_PLACES: Final = ("PATH", "pyenv", "uv", "asdf", "/usr/local/bin", "/usr/bin")
-
-
 def _matrix_per_python(opts: Options, services: Services | None) -> int:
     """The matrix once per ``--python`` version: its workers on that interpreter (the
     in_process cell stays on this one), its report beside ``--report`` with the version. A
@@ -662,7 +659,7 @@ def _matrix_per_python(opts: Options, services: Services | None) -> int:
         if find_interpreter(version) is None:
             # Not this service's failure: said with its reason, and the other versions run.
             verdicts.append(f"Python {version}: skipped: no CPython {version} found here")
-            print(f"\n=== Python {version}: skipped: not found ({', '.join(_PLACES)})")
+            print(f"\n=== Python {version}: skipped: not found (looked in {SEARCHED})")
             continue
         print(f"\n=== Python {version} (pytest and in_process: {platform.python_version()})")
         report = opts.report.with_name(f"{opts.report.stem}-py{version}{opts.report.suffix}")
