@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 from collections.abc import Iterable
 from pathlib import Path
 from types import SimpleNamespace
@@ -394,11 +395,15 @@ def test_to_json_schema(tmp_path: Path) -> None:
         "redis": "7.0",
         "ignored": "x",
     }
-    document = to_json(result(*records, pytest_exit_code=1), versions)
+    document = to_json(result(*records, pytest_exit_code=1, versions=versions, wall_s=1.234))
     assert set(document) == {
         "generated_at",
         "selected",
         "versions",
+        "machine",
+        "wall_s",
+        "shard",
+        "shards",
         "served_by",
         "cells",
         "errors",
@@ -413,7 +418,13 @@ def test_to_json_schema(tmp_path: Path) -> None:
         "brokers": ["redis"],
         "services": "external",
     }
-    assert document["versions"] == {k: v for k, v in versions.items() if k != "ignored"}
+    # worker_python was not given: None, not missing.
+    assert document["versions"] == {
+        "worker_python": None,
+        **{k: v for k, v in versions.items() if k != "ignored"},
+    }
+    assert document["wall_s"] == 1.23 and document["shard"] is None
+    assert document["machine"]["cpus"] == os.cpu_count()
     assert document["exit_code"] == EXIT_NOT_PASSED
     cells = document["cells"]
     assert [(c["loop_mode"], c["pool"], c["broker"]) for c in cells] == [
@@ -441,6 +452,18 @@ def test_to_json_schema(tmp_path: Path) -> None:
     write_json(path, document)
     assert json.loads(path.read_text()) == document
     assert [p.name for p in path.parent.iterdir()] == ["matrix.json"]
+    # Read back (harness report merge does), it is the same report.
+    again = MatrixResult.from_json(json.loads(path.read_text()))
+    assert [c.to_json() for c in again.cells()] == document["cells"]
+    assert [r.to_json() for r in again.records] == document["tests"]
+    assert again.exit_code == EXIT_NOT_PASSED and again.versions == document["versions"]
+
+
+def test_a_file_that_is_no_report_is_a_value_error() -> None:
+    with pytest.raises(ValueError, match="not a harness matrix report"):
+        MatrixResult.from_json({"cells": []})
+    with pytest.raises(ValueError, match="unknown outcome 'weird'"):
+        TestRecord.from_json({"test": "t.py::a", "outcome": "weird"})
 
 
 @pytest.mark.parametrize(("ms", "text"), [(None, "-"), (85.4, "85ms"), (1234.0, "1.23s")])

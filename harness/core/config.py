@@ -24,6 +24,7 @@ from harness.core.cell import (
     mode_applies,
 )
 from harness.core.errors import UsageError
+from harness.core.shard import Shard, ShardError, parse_shard
 
 __all__ = [
     "ConfigError",
@@ -108,6 +109,8 @@ class HarnessConfig:
     postgres_image: str = DEFAULT_POSTGRES_IMAGE
     redis_image: str = DEFAULT_REDIS_IMAGE
     env: Mapping[str, str] = field(default_factory=lambda: dict(os.environ), repr=False)
+    # --shard K/N: this session runs shard K's cells only (harness.core.shard).
+    shard: Shard | None = None
 
     def __post_init__(self) -> None:
         if self.services not in SERVICE_MODES:
@@ -168,7 +171,13 @@ class HarnessConfig:
         loop_modes = pick("loop_mode")
         pools = pick("pool")
         brokers = pick("broker")
-        return cls(
+        shard_value = pick("shard")
+        shard_option = sources.get("shard", "--shard")
+        try:
+            shard = parse_shard(shard_value, option=shard_option) if shard_value else None
+        except ShardError as exc:
+            raise ConfigError(str(exc)) from None
+        config = cls(
             services=cast(ServiceModeName, services),
             loop_modes=parse_choices(
                 loop_modes,
@@ -192,10 +201,22 @@ class HarnessConfig:
             postgres_image=images["postgres_image"],
             redis_image=images["redis_image"],
             env=environ,
+            shard=shard,
         )
+        if shard is not None:
+            try:
+                config.cells()
+            except ShardError as exc:
+                raise ConfigError(str(exc).replace("--shard", shard_option, 1)) from None
+        return config
 
     def cells(self) -> list[Cell]:
-        """The matrix cells this session runs.
+        """The matrix cells this session runs: the selection's, or with ``shard`` its part."""
+        selected = self.all_cells()
+        return selected if self.shard is None else self.shard.cells(selected)
+
+    def all_cells(self) -> list[Cell]:
+        """Every cell the selection names, whatever the shard.
 
         ``in_process`` runs the task's function in the test process (no worker, no broker), so
         it is a single cell with pool and broker ``-``. A mode that exists on some pools only

@@ -9,6 +9,8 @@ start, ``AssertionError`` for a check that failed, so pytest reports it as a fai
      ├── UsageError (ValueError)              the input is wrong; nothing was started
      │    ├── ConfigError                     an option, ini value or HARNESS_* variable
      │    ├── LoopModeError                   an unknown loop mode, or one that cannot be forced
+     │    ├── ShardError                      a --shard that names no shard of the selection
+     │    ├── MergeError                      shard reports that are not one matrix's shards
      │    └── TargetError                     no Target, or one that cannot be loaded
      ├── SetupError (RuntimeError)            something the harness needs could not be had
      │    ├── ServicesError                   Postgres or Redis

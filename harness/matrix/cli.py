@@ -10,7 +10,6 @@ import argparse
 import contextlib
 import dataclasses
 import datetime as dt
-import importlib.metadata
 import json
 import os
 import platform
@@ -30,7 +29,12 @@ from harness.core.cell import BROKERS, MATRIX_MODES, POOLS, RUNNERS, Cell
 from harness.core.config import ConfigError, HarnessConfig
 from harness.core.errors import UsageError
 from harness.core.pythons import PYTHON_ENV, SEARCHED, find_interpreter, parse_versions
-from harness.matrix.markdown import publish_markdown
+from harness.core.shard import SHARD_ENV
+from harness.matrix.facts import served_by, versions
+from harness.matrix.junit import write_junit
+from harness.matrix.markdown import STEP_SUMMARY_ENV, publish_text, render_flake_markdown
+from harness.matrix.merge import MergeError, find_reports, merge
+from harness.matrix.publish import junit_beside, publish
 from harness.matrix.report import (
     EXIT_ERROR,
     EXIT_NOT_PASSED,
@@ -39,7 +43,6 @@ from harness.matrix.report import (
     MatrixResult,
     render_details,
     render_table,
-    to_json,
     write_json,
 )
 from harness.services import DockerImages, Services, ServicesError, ServiceStack
@@ -132,6 +135,12 @@ def _add_common(
         metavar="BROKERS",
         help="comma-separated or 'all': " + ", ".join(BROKERS) + " (default: redis)",
     )
+    cells.add_argument(
+        "--shard",
+        metavar="K/N",
+        help="run shard K of N of the selected cells (deterministic, split by pool and broker "
+        f"where it can; or {SHARD_ENV}); `harness report merge` joins the shards' reports",
+    )
     run = parser.add_argument_group("running")
     run.add_argument(
         "--services",
@@ -193,6 +202,12 @@ def _add_common(
         type=Path,
         metavar="PATH",
         help=f"where to write the JSON report (default: {default_report}); {beside_report}",
+    )
+    run.add_argument(
+        "--junit",
+        type=Path,
+        metavar="PATH",
+        help="where to write the JUnit XML report (default: <report>-junit.xml beside --report)",
     )
 
 
@@ -263,6 +278,27 @@ def build_parser() -> argparse.ArgumentParser:
     stress.add_argument(
         "--no-hog", dest="hog", action="store_false", help="do not load the CPUs meanwhile"
     )
+    report = commands.add_parser(
+        "report",
+        help="work with reports: `harness report merge DIR...` joins the shards of a matrix",
+        description="merge: read the JSON reports of the shards of one matrix (directories "
+        "are searched for matrix*.json), print the table and write one JSON, JUnit XML, HTML "
+        "and Markdown report. Exit 0 only if every shard is there and every cell passed; 1 if "
+        "a cell did not pass; 2 if a shard is missing or the inputs are not one matrix's shards.",
+    )
+    report.add_argument("action", choices=("merge",))
+    report.add_argument("inputs", nargs="+", type=Path, metavar="DIR_OR_FILE")
+    report.add_argument(
+        "--report",
+        type=Path,
+        default=Path("reports/merged/matrix.json"),
+        metavar="PATH",
+        help="where the merged JSON goes; JUnit, HTML and Markdown beside it (default: "
+        "reports/merged/matrix.json)",
+    )
+    report.add_argument(
+        "--junit", type=Path, metavar="PATH", help="the merged JUnit XML (default: beside)"
+    )
     compose = commands.add_parser(
         "compose",
         help="bring docker-compose.test.yml's services up (healthy) or down",
@@ -281,6 +317,32 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"the compose file (default: {COMPOSE_FILE}, or HARNESS_COMPOSE_FILE)",
     )
     return parser
+
+
+def _cmd_report(ns: argparse.Namespace) -> int:
+    """``harness report merge``: one report from the shards' reports."""
+    paths = find_reports(ns.inputs)
+    out = ns.report.resolve()
+    if any(path.resolve() == out for path in paths):
+        raise MergeError(
+            f"--report {ns.report} is one of the inputs; write the merge elsewhere, e.g. "
+            "--report reports/merged/matrix.json"
+        )
+    merged = merge(paths)
+    result = merged.result
+    for index, path in sorted(merged.sources.items()):
+        print(f"shard {index}/{result.shards[0]['total'] if result.shards else 1}: {path}")
+    print()
+    print(render_table(result))
+    details = render_details(result)
+    if details:
+        print()
+        print(details)
+    print()
+    print(merged.balance_line())
+    print(publish(result, ns.report, junit=ns.junit, title="ingest-harness matrix (merged)").line())
+    print(_verdict(result), flush=True)
+    return result.exit_code
 
 
 def _cmd_compose(ns: argparse.Namespace) -> int:
@@ -322,6 +384,9 @@ class Options:
     pytest_args: tuple[str, ...]
     hog: bool = False
     pythons: tuple[str, ...] = ()
+    junit: Path | None = None
+    # When the command began: a report's wall time is exit to exit, services included.
+    started: float = dataclasses.field(default_factory=time.monotonic)
 
     @property
     def pytest_log(self) -> Path:
@@ -331,9 +396,9 @@ class Options:
 def _useful_workers(config: HarnessConfig) -> int:
     """How many xdist workers the selection can keep busy: under ``--dist loadgroup`` each
     (pool, broker)'s scenarios go to one worker, and the in_process ones to any."""
-    groups = len(config.pools) * len(config.brokers)
-    has_worker_modes = any(mode != "in_process" for mode in config.loop_modes)
-    return max(1, (groups if has_worker_modes else 0) + ("in_process" in config.loop_modes))
+    cells = config.cells()
+    groups = {(cell.pool, cell.broker) for cell in cells if not cell.in_process}
+    return max(1, len(groups) + any(cell.in_process for cell in cells))
 
 
 def _cap_workers(requested: str, config: HarnessConfig) -> tuple[str, str]:
@@ -363,6 +428,7 @@ def parse_options(argv: Sequence[str]) -> Options:
         "loop_mode": ns.loop_mode,
         "pool": ns.pool,
         "broker": ns.broker,
+        "shard": ns.shard,
         "services": ns.services,
         "runner": ns.runner,
         "postgres_image": ns.postgres_image,
@@ -415,6 +481,7 @@ def parse_options(argv: Sequence[str]) -> Options:
         runs=runs,
         pytest_args=pytest_args,
         pythons=versions,
+        junit=getattr(ns, "junit", None),
     )
 
 
@@ -470,37 +537,6 @@ def _patched_environ(updates: Mapping[str, str | None]) -> Iterator[None]:
                 os.environ[name] = old
 
 
-def _package_version(name: str) -> str | None:
-    try:
-        return importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-def versions(services: Services | None) -> dict[str, str | None]:
-    return {
-        "python": platform.python_version(),
-        "celery": _package_version("celery"),
-        "kombu": _package_version("kombu"),
-        "sqlalchemy": _package_version("sqlalchemy"),
-        "postgres": services.postgres_version if services else None,
-        "redis": services.redis_version if services else None,
-    }
-
-
-def served_by(services: Services | None) -> dict[str, Any] | None:
-    """Which backend served the session and what exactly ran there (passwords masked)."""
-    if services is None:
-        return None
-    return {
-        "backend": services.backend,
-        "postgres": services.postgres_version,
-        "redis": services.redis_version,
-        "amqp": services.masked().amqp_url,
-        "images": dict(services.images),
-    }
-
-
 # -- harness matrix -------------------------------------------------------------------------
 
 
@@ -524,6 +560,8 @@ def pytest_arguments(opts: Options, *, services_started: bool) -> list[str]:
         f"--broker={','.join(config.brokers)}",
         f"--runner={config.runner}",
     ]
+    if config.shard is not None:
+        args.append(f"--shard={config.shard}")
     if opts.numprocesses != "0":
         # Each (pool, broker)'s scenarios to one xdist worker (harness.pytest.plugin's xdist_group
         # marks): each Celery worker is booted once in all, not once per xdist worker.
@@ -599,8 +637,14 @@ def _cells_text(count: int) -> str:
 def run_matrix(opts: Options, services: Services | None) -> MatrixResult:
     """One matrix run in this process: progress lines, then the table, details and JSON."""
     config = opts.config
+    shard = (
+        ""
+        if config.shard is None
+        else f" of shard {config.shard} (of {_cells_text(len(config.all_cells()))})"
+    )
     print(
-        f"harness matrix: {_cells_text(len(config.cells()))} ({', '.join(config.loop_modes)} x "
+        f"harness matrix: {_cells_text(len(config.cells()))}{shard} "
+        f"({', '.join(config.loop_modes)} x "
         f"{', '.join(config.pools)} x {', '.join(config.brokers)}); scenarios: "
         f"{opts.scenarios}; -n {opts.numprocesses}"
         + ("" if config.runner == "fixed" else f"; runner: {config.runner}"),
@@ -617,6 +661,8 @@ def run_matrix(opts: Options, services: Services | None) -> MatrixResult:
         errors=_pytest_errors(opts, exit_code, collector),
         pytest_exit_code=exit_code,
         served_by=served_by(services),
+        versions=versions(services),
+        wall_s=time.monotonic() - opts.started,
     )
     print()
     print(render_table(result))
@@ -624,20 +670,15 @@ def run_matrix(opts: Options, services: Services | None) -> MatrixResult:
     if details:
         print()
         print(details)
-    write_json(opts.report, to_json(result, versions(services)))
-    markdown = opts.report.with_suffix(".md")
     python = os.environ.get(PYTHON_ENV)
-    summary = publish_markdown(
+    paths = publish(
         result,
-        markdown,
+        opts.report,
+        junit=opts.junit,
         title="ingest-harness matrix" + (f" (Python {python})" if python else ""),
     )
     print()
-    print(
-        f"report: {opts.report}   summary: {markdown}"
-        + (f" (and {summary})" if summary else "")
-        + f"   pytest output: {opts.pytest_log}"
-    )
+    print(f"{paths.line()}; pytest output: {opts.pytest_log}")
     print(_verdict(result), flush=True)
     return result
 
@@ -663,7 +704,8 @@ def _matrix_per_python(opts: Options, services: Services | None) -> int:
             continue
         print(f"\n=== Python {version} (pytest and in_process: {platform.python_version()})")
         report = opts.report.with_name(f"{opts.report.stem}-py{version}{opts.report.suffix}")
-        one = dataclasses.replace(opts, report=report, pythons=())
+        junit = opts.junit and opts.junit.with_name(f"{opts.junit.stem}-py{version}.xml")
+        one = dataclasses.replace(opts, report=report, junit=junit, pythons=())
         with _patched_environ({PYTHON_ENV: version}):
             result = run_matrix(one, services)
         verdicts.append(f"Python {version}: {_verdict(result)}")
@@ -694,6 +736,7 @@ def _child_argv(opts: Options, report: Path, *, services_started: bool) -> list[
         f"--pool={','.join(config.pools)}",
         f"--broker={','.join(config.brokers)}",
         f"--runner={config.runner}",
+        *([f"--shard={config.shard}"] if config.shard is not None else []),
         f"--numprocesses={opts.numprocesses}",
         f"--scenarios={opts.scenarios}",
         f"--report={report}",
@@ -844,6 +887,8 @@ def _flake_runs(opts: Options) -> int:
     interrupted = False
     with _services(opts) as services:
         env = dict(os.environ)
+        # Each run writes its own reports; only this command's summary goes to the CI page.
+        env.pop(STEP_SUMMARY_ENV, None)
         for name, value in _service_env(services).items():
             if value is None:
                 env.pop(name, None)
@@ -909,10 +954,25 @@ def _flake_runs(opts: Options) -> int:
             "exit_code": exit_code,
         },
     )
+    # One JUnit test suite per run that wrote a report; the Markdown lists runs and non-passes.
+    suites = []
+    for summary in summaries:
+        document = _read_report(Path(summary["report"]))
+        if document is not None:
+            with contextlib.suppress(ValueError):
+                suites.append((f"run {summary['run']}", MatrixResult.from_json(document)))
+    junit = opts.junit or junit_beside(opts.report)
+    write_junit(junit, suites)
+    markdown = opts.report.with_suffix(".md")
+    step_summary = publish_text(
+        render_flake_markdown(opts.command, opts.runs, summaries, non_passes, exit_code),
+        markdown,
+    )
     verdict = "PASS" if exit_code == EXIT_OK else "FAIL"
     print(
-        f"\nreport: {opts.report}\n{opts.command}: {verdict} ({len(non_passes)} non-passes in "
-        f"{len(summaries)} runs)",
+        f"\nreports: {opts.report}, {junit}, {markdown}"
+        + (f" (and {step_summary})" if step_summary else "")
+        + f"\n{opts.command}: {verdict} ({len(non_passes)} non-passes in {len(summaries)} runs)",
         flush=True,
     )
     return exit_code
@@ -925,8 +985,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     """`harness matrix|flake [options] [-- pytest args]`; returns the exit code."""
     args = list(sys.argv[1:] if argv is None else argv)
     prog = "harness " + (
-        args[0] if args and args[0] in ("matrix", "flake", "stress", "compose") else ""
+        args[0] if args and args[0] in ("matrix", "flake", "stress", "compose", "report") else ""
     )
+    if args and args[0] == "report":
+        try:
+            return _cmd_report(build_parser().parse_args(args))
+        except SystemExit as exc:
+            return exc.code if isinstance(exc.code, int) else EXIT_ERROR
+        except MergeError as exc:
+            print(f"harness report: error: {exc}", file=sys.stderr)
+            return EXIT_ERROR
     if args and args[0] == "compose":
         try:
             return _cmd_compose(build_parser().parse_args(args))

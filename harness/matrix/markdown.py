@@ -9,9 +9,9 @@ failure, skip and error: what a reviewer reads before opening the log.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 from harness.core.cell import Cell
 from harness.matrix.report import (
@@ -22,7 +22,13 @@ from harness.matrix.report import (
     format_ms,
 )
 
-__all__ = ["STEP_SUMMARY_ENV", "publish_markdown", "render_markdown"]
+__all__ = [
+    "STEP_SUMMARY_ENV",
+    "publish_markdown",
+    "publish_text",
+    "render_flake_markdown",
+    "render_markdown",
+]
 
 STEP_SUMMARY_ENV: Final = "GITHUB_STEP_SUMMARY"
 _MARKS: Final = {
@@ -95,6 +101,41 @@ def render_markdown(result: MatrixResult, *, title: str = "ingest-harness matrix
     return "\n".join(lines) + "\n"
 
 
+def render_flake_markdown(
+    command: str,
+    runs: int,
+    summaries: Sequence[Mapping[str, Any]],
+    non_passes: Sequence[Mapping[str, Any]],
+    exit_code: int,
+) -> str:
+    """``harness flake`` / ``stress``: a line per run, then one line per non-pass."""
+    verdict = {EXIT_OK: "PASS", EXIT_ERROR: "ERROR"}.get(exit_code, "FAIL")
+    lines = [
+        f"## ingest-harness {command}: {verdict}",
+        "",
+        f"{len(summaries)} of {runs} runs completed; {len(non_passes)} non-pass(es)",
+        "",
+        "| run | verdict | passed | failed | skipped | cells passing | time |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for s in summaries:
+        mark = "✅" if s["exit_code"] == EXIT_OK else "❌"
+        lines.append(
+            f"| {s['run']} | {mark} | {s['passed']} | {s['failed']} | {s['skipped']} | "
+            f"{s['cells_passed']}/{s['cells']} | {s['duration_s']:.1f} s |"
+        )
+    if non_passes:
+        lines.append("")
+    for item in non_passes:
+        mode = item.get("loop_mode")
+        where = Cell(mode, item["pool"], item["broker"]).label if mode is not None else "-"
+        lines.append(
+            f"- ❌ run {item['run']} `{where}` `{item.get('test') or '-'}` "
+            f"{item['outcome']}: {_escape(item.get('message') or '')}"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def publish_markdown(
     result: MatrixResult,
     path: Path,
@@ -103,7 +144,11 @@ def publish_markdown(
     env: Mapping[str, str] | None = None,
 ) -> Path | None:
     """Write ``path``; append the same to ``$GITHUB_STEP_SUMMARY`` if set (returned)."""
-    text = render_markdown(result, title=title)
+    return publish_text(render_markdown(result, title=title), path, env=env)
+
+
+def publish_text(text: str, path: Path, *, env: Mapping[str, str] | None = None) -> Path | None:
+    """Write ``text`` to ``path``; append it to ``$GITHUB_STEP_SUMMARY`` if set (returned)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(text, encoding="utf-8")

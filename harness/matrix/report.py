@@ -21,6 +21,8 @@ import pytest
 
 from harness.core.cell import BROKERS, CELL_PROPERTY, MATRIX_MODES, POOLS, Cell
 from harness.core.config import HarnessConfig
+from harness.core.shard import Shard
+from harness.matrix.facts import VERSION_KEYS, machine
 
 __all__ = [
     "CELERY_WORKER_PROPERTY",
@@ -28,12 +30,15 @@ __all__ = [
     "EXIT_NOT_PASSED",
     "EXIT_OK",
     "RUN_DURATION_PROPERTY",
+    "VERSION_KEYS",
     "CellSummary",
     "MatrixCollector",
     "MatrixResult",
     "TestRecord",
+    "failure_details",
     "failure_message",
     "format_ms",
+    "machine",
     "render_details",
     "render_table",
     "summarize_cell",
@@ -57,6 +62,7 @@ CELERY_WORKER_PROPERTY: Final = "celery_worker"
 _MAX_MESSAGE_LINES: Final = 20
 _MAX_MESSAGE_CHARS: Final = 2000
 _MAX_TABLE_REASON: Final = 32
+_MAX_DETAILS_CHARS: Final = 100_000
 _NOT_APPLICABLE: Final = "·"
 
 
@@ -81,6 +87,11 @@ class TestRecord:
     """One ``run_duration_ms`` property per ingest run the scenario made."""
     celery_worker: str | None = None
     """The node name of the Celery worker process that served it (None: in process)."""
+    details: str | None = None
+    """A failure in full, as the terminal shows it: the traceback with the row diff, then each
+    report section (the run's worker log lines, captured output, a hang's stacks)."""
+    properties: tuple[tuple[str, str], ...] = ()
+    """The other ``record_property`` values, as text (JUnit carries them)."""
 
     @property
     def name(self) -> str:
@@ -99,7 +110,30 @@ class TestRecord:
             "duration_s": round(self.duration_s, 4),
             "run_durations_ms": list(self.run_durations_ms),
             "celery_worker": self.celery_worker,
+            "details": self.details,
+            "properties": dict(self.properties),
         }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> TestRecord:
+        """The inverse of :meth:`to_json` (``harness report merge`` reads shards with it)."""
+        mode, pool, broker = data.get("loop_mode"), data.get("pool"), data.get("broker")
+        cell = Cell(str(mode), str(pool), str(broker)) if mode is not None else None
+        outcome = data.get("outcome")
+        if outcome not in ("passed", "failed", "skipped", "interrupted"):
+            raise ValueError(f"test {data.get('test')!r}: unknown outcome {outcome!r}")
+        properties = data.get("properties") or {}
+        return cls(
+            nodeid=str(data["test"]),
+            cell=cell,
+            outcome=outcome,
+            message=data.get("message"),
+            duration_s=float(data.get("duration_s") or 0.0),
+            run_durations_ms=tuple(int(ms) for ms in data.get("run_durations_ms") or ()),
+            celery_worker=data.get("celery_worker"),
+            details=data.get("details"),
+            properties=tuple((str(k), str(v)) for k, v in dict(properties).items()),
+        )
 
 
 def _label(cell: Cell | None) -> str:
@@ -134,6 +168,21 @@ def _bounded(lines: Sequence[str]) -> str:
     return text
 
 
+def failure_details(report: pytest.TestReport) -> str:
+    """The whole failure as pytest's terminal shows it: the traceback (its ``E`` lines hold the
+    row diff), then every section of the report (worker log lines, captured output, stacks).
+
+    Bounded, head and tail kept: a report must stay small enough for a CI system to show."""
+    parts = [report.longreprtext.rstrip()]
+    parts.extend(f"----- {title} -----\n{text.rstrip()}" for title, text in report.sections)
+    text = "\n\n".join(part for part in parts if part)
+    if len(text) <= _MAX_DETAILS_CHARS:
+        return text
+    head, tail = text[: _MAX_DETAILS_CHARS * 3 // 4], text[-_MAX_DETAILS_CHARS // 4 :]
+    cut = len(text) - len(head) - len(tail)
+    return f"{head}\n... ({cut} characters cut; all of it is in the pytest log) ...\n{tail}"
+
+
 def failure_message(report: pytest.TestReport) -> str:
     """The readable part of a failure, bounded: pytest's ``E`` lines, else the crash line.
 
@@ -161,6 +210,7 @@ class _Pending:
     """The phases of one test seen so far (reports arrive setup, call, teardown)."""
 
     failed: str | None = None
+    details: str | None = None
     skipped: str | None = None
     xfail: str | None = None
     duration_s: float = 0.0
@@ -183,6 +233,7 @@ def _record_from(nodeid: str, pending: _Pending) -> TestRecord:
     cell: Cell | None = None
     durations: list[int] = []
     celery_worker: str | None = None
+    others: dict[str, str] = {}
     for name, value in pending.properties:
         if name == CELL_PROPERTY:
             cell = Cell.from_property(value) or cell
@@ -190,6 +241,8 @@ def _record_from(nodeid: str, pending: _Pending) -> TestRecord:
             durations.append(round(value))
         elif name == CELERY_WORKER_PROPERTY and isinstance(value, str):
             celery_worker = value
+        else:
+            others[name] = str(value)
     outcome: Outcome
     message: str | None
     if pending.failed is not None:
@@ -211,6 +264,8 @@ def _record_from(nodeid: str, pending: _Pending) -> TestRecord:
         call_duration_s=pending.call_duration_s,
         run_durations_ms=tuple(durations),
         celery_worker=celery_worker,
+        details=pending.details if outcome == "failed" else None,
+        properties=tuple(others.items()),
     )
 
 
@@ -264,6 +319,7 @@ class MatrixCollector:
             pending.call_duration_s = report.duration
         if report.failed and pending.failed is None:
             pending.failed = failure_message(report)
+            pending.details = failure_details(report)
         elif report.skipped:
             if hasattr(report, "wasxfail"):
                 pending.xfail = f"xfail: {report.wasxfail}" if report.wasxfail else "xfail"
@@ -419,6 +475,15 @@ class MatrixResult:
     # The backend that served the session and the images that ran (harness.matrix.cli.served_by);
     # None when the services were not started by the report's writer (--no-services).
     served_by: Mapping[str, Any] | None = None
+    # Python, Celery, kombu, SQLAlchemy, Postgres, Redis (harness.matrix.cli.versions).
+    versions: Mapping[str, str | None] = field(default_factory=dict)
+    # The machine the run was on (machine()), and the run's wall time, exit to exit.
+    machine: Mapping[str, Any] = field(default_factory=dict)
+    wall_s: float | None = None
+    # --shard K/N: this run is that shard, and its selected cells are the shard's part.
+    shard: Shard | None = None
+    # A merged report: one entry per shard read (harness.matrix.merge).
+    shards: list[Mapping[str, Any]] = field(default_factory=list)
 
     @classmethod
     def from_config(
@@ -429,6 +494,8 @@ class MatrixResult:
         errors: Iterable[str] = (),
         pytest_exit_code: int | None = None,
         served_by: Mapping[str, Any] | None = None,
+        versions: Mapping[str, str | None] | None = None,
+        wall_s: float | None = None,
     ) -> MatrixResult:
         return cls(
             loop_modes=config.loop_modes,
@@ -439,7 +506,35 @@ class MatrixResult:
             errors=list(errors),
             pytest_exit_code=pytest_exit_code,
             served_by=served_by,
+            versions=dict(versions or {}),
+            machine=machine(),
+            wall_s=wall_s,
+            shard=config.shard,
         )
+
+    @classmethod
+    def from_json(cls, document: Mapping[str, Any]) -> MatrixResult:
+        """A report read back (``reports/matrix.json``); ValueError if it is not one."""
+        try:
+            selected = document["selected"]
+            shard = document.get("shard")
+            return cls(
+                loop_modes=tuple(selected["loop_modes"]),
+                pools=tuple(selected["pools"]),
+                brokers=tuple(selected["brokers"]),
+                services=str(selected["services"]),
+                records=[TestRecord.from_json(test) for test in document["tests"]],
+                errors=[str(error) for error in document.get("errors", [])],
+                pytest_exit_code=document.get("pytest_exit_code"),
+                served_by=document.get("served_by"),
+                versions=dict(document.get("versions") or {}),
+                machine=dict(document.get("machine") or {}),
+                wall_s=document.get("wall_s"),
+                shard=None if shard is None else Shard(int(shard["index"]), int(shard["total"])),
+                shards=list(document.get("shards") or []),
+            )
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"not a harness matrix report: {exc!r} is missing or wrong") from None
 
     def selected_cells(self) -> list[Cell]:
         """The cells in HarnessConfig.cells() order (the order the plugin parametrizes in)."""
@@ -448,6 +543,7 @@ class MatrixResult:
             pools=self.pools,
             brokers=self.brokers,
             env={},
+            shard=self.shard,
         ).cells()
 
     def cells(self) -> list[CellSummary]:
@@ -594,8 +690,9 @@ def render_details(result: MatrixResult) -> str:
 # -- JSON -----------------------------------------------------------------------------------
 
 
-def to_json(result: MatrixResult, versions: Mapping[str, str | None]) -> dict[str, Any]:
+def to_json(result: MatrixResult) -> dict[str, Any]:
     """The ``reports/matrix.json`` document (see the CLI's help for the schema)."""
+    versions = result.versions
     return {
         "generated_at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "selected": {
@@ -604,10 +701,17 @@ def to_json(result: MatrixResult, versions: Mapping[str, str | None]) -> dict[st
             "brokers": list(result.brokers),
             "services": result.services,
         },
-        "versions": {
-            key: versions.get(key)
-            for key in ("python", "celery", "kombu", "sqlalchemy", "postgres", "redis")
+        "versions": {key: versions.get(key) for key in VERSION_KEYS},
+        "machine": dict(result.machine),
+        "wall_s": None if result.wall_s is None else round(result.wall_s, 2),
+        "shard": None
+        if result.shard is None
+        else {
+            "index": result.shard.index,
+            "total": result.shard.total,
+            "cells": [cell.label for cell in result.selected_cells()],
         },
+        "shards": list(result.shards),
         "served_by": None if result.served_by is None else dict(result.served_by),
         "cells": [summary.to_json() for summary in result.cells()],
         "errors": list(result.errors),

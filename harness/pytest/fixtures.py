@@ -27,6 +27,7 @@ from sqlalchemy import create_engine, text
 from harness.core.cell import CELL_PROPERTY, Cell
 from harness.core.errors import UsageError
 from harness.core.target import Target, default_target, default_target_spec, load_target
+from harness.pytest import reports
 from harness.pytest.stash import harness_config_key
 from harness.services import DockerImages, Services, ServiceStack, create_database, drop_database
 from harness.workers.process import CeleryWorkerProcess
@@ -53,6 +54,7 @@ def services(request: pytest.FixtureRequest) -> Iterator[Services]:
     config = request.config.stash[harness_config_key]
     images = DockerImages(postgres=config.postgres_image, redis=config.redis_image)
     with ServiceStack(config.services, env=config.env, images=images) as started:
+        reports.note_services(request.config, started)
         yield started
 
 

@@ -31,8 +31,10 @@ from harness.core.cell import (
 )
 from harness.core.config import ConfigError, HarnessConfig
 from harness.core.errors import SetupError, UsageError
+from harness.core.shard import Shard
 from harness.core.target import TARGET_ENV, TARGET_INI, TargetError, load_target
-from harness.pytest import deadline
+from harness.matrix.report import without_xdist_group
+from harness.pytest import deadline, reports
 from harness.pytest.stash import (
     FailureDetail,
     add_failure_detail,
@@ -82,6 +84,12 @@ _OPTIONS: Final = (
     ("pool", "--pool", "worker pools, comma-separated or 'all': " + ", ".join(POOLS)),
     ("broker", "--broker", "brokers, comma-separated or 'all': " + ", ".join(BROKERS)),
     (
+        "shard",
+        "--shard",
+        "run shard K/N of the selected cells (split by pool and broker where it can; tests "
+        "outside the matrix are spread by node id); `harness report merge` joins the reports",
+    ),
+    (
         "services",
         "--services",
         "where Postgres and Redis come from: "
@@ -116,6 +124,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         group.addoption(flag, dest=f"harness_{name}", default=None, help=help_text)
         parser.addini(f"harness_{name}", help_text, default=None)
     deadline.add_options(parser)
+    reports.add_options(parser)
     python_help = (
         "the CPython version the Celery workers run on, e.g. 3.12, in a venv of their own "
         f"(default: this interpreter; or ${pythons.PYTHON_ENV}); harness matrix --python "
@@ -165,6 +174,7 @@ def _set_target(config: pytest.Config) -> None:
 
 
 _PYTHON_SKIP: Final = pytest.StashKey[str]()
+Pair = tuple[str, str]
 
 
 def _worker_python(config: pytest.Config) -> None:
@@ -206,6 +216,31 @@ def _worker_python(config: pytest.Config) -> None:
             os.environ[pythons.WORKER_PYTHON_ENV] = before
 
     config.add_cleanup(restore)
+
+
+def _shard_groups(harness_config: HarnessConfig) -> tuple[set[Pair], set[Pair]]:
+    """(the groups this shard boots first, every group of the selection): a test that runs on
+    a (pool, broker) worker without being a cell (``worker_pool``) runs in the shard that holds
+    that group's first cell, where the worker boots anyway."""
+    mine = set(harness_config.cells())
+    first: dict[Pair, Cell] = {}
+    for cell in harness_config.all_cells():
+        if not cell.in_process:
+            first.setdefault((cell.pool, cell.broker), cell)
+    return {group for group, cell in first.items() if cell in mine}, set(first)
+
+
+def _in_shard(item: pytest.Item, shard: Shard, owned: set[Pair], groups: set[Pair]) -> bool:
+    callspec = getattr(item, "callspec", None)
+    params = callspec.params if callspec is not None else {}
+    if isinstance(params.get(CELL_FIXTURE), Cell):
+        return True  # generated for this shard's cells only
+    pair = params.get(POOL_FIXTURE)
+    if isinstance(pair, tuple) and tuple(pair) in groups:
+        return tuple(pair) in owned
+    # No worker, or a group no cell names: spread by the stable node id (without the
+    # "@group" that xdist's loadgroup may already have appended).
+    return shard.owns_key(without_xdist_group(item.nodeid))
 
 
 def _runs_a_worker(item: pytest.Item) -> bool:
@@ -264,6 +299,7 @@ def pytest_configure(config: pytest.Config) -> None:
     _set_target(config)
     config.stash[harness_config_key] = harness_config
     _interrupt_on_sigterm(config)
+    reports.register(config, harness_config)
 
 
 def _check_backend(harness_config: HarnessConfig) -> None:
@@ -421,6 +457,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         callspec = getattr(item, "callspec", None)
         params = callspec.params.values() if callspec is not None else ()
         (dropped if any(isinstance(p, NotSelected) for p in params) else keep).append(item)
+    shard = config.stash[harness_config_key].shard
+    if shard is not None:
+        # The cells' tests were generated for this shard only; the rest follow it.
+        owned, groups = _shard_groups(config.stash[harness_config_key])
+        for item in list(keep):
+            if not _in_shard(item, shard, owned, groups):
+                keep.remove(item)
+                dropped.append(item)
     if dropped:
         config.hook.pytest_deselected(items=dropped)
         items[:] = keep
