@@ -78,15 +78,23 @@ def project(tmp_path: Path) -> Path:
     return tmp_path
 
 
+def clean_env() -> dict[str, str]:
+    """This environment without the outer session's pytest/xdist/harness settings (and no CI
+    step summary of the outer run's)."""
+    return {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("PYTEST_", "HARNESS_")) and k != "GITHUB_STEP_SUMMARY"
+    }
+
+
 def harness(
     cwd: Path, *args: str, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
-    # The harness under test must not see the outer session's pytest/xdist/harness settings.
-    clean = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "HARNESS_"))}
     return subprocess.run(
         [sys.executable, "-m", "harness", *args],
         cwd=cwd,
-        env={**clean, **(env or {})},
+        env={**clean_env(), **(env or {})},
         capture_output=True,
         text=True,
         timeout=120,

@@ -613,7 +613,9 @@ def render_table(result: MatrixResult) -> str:
     rows: list[list[str]] = []
     for mode in result.loop_modes:
         if mode == "in_process":
-            first = _cell_text(summaries[Cell(mode)])
+            # Absent from a shard's report whose part it is not.
+            summary = summaries.get(Cell(mode))
+            first = _NOT_APPLICABLE if summary is None else _cell_text(summary)
             rows.append([mode, first, *([_NOT_APPLICABLE] * (len(columns) - 1))])
         else:
             rows.append(
