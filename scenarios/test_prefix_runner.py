@@ -82,7 +82,7 @@ def _child_env(services: Services) -> dict[str, str]:
 
 
 def _junit_failures(path: Path) -> dict[str, str]:
-    """Test name (with its cell id) -> the full failure text, from pytest's JUnit XML."""
+    """Test name (with its cell id) -> the full failure text, from the harness's JUnit XML."""
     failures = {}
     for case in ET.parse(path).getroot().iter("testcase"):
         for failure in case.iter("failure"):
@@ -119,10 +119,11 @@ def test_prefix_runner_fails_exactly_the_running_cells(
         "--no-services", "--services=external", "--runner=prefix",
         f"--loop-mode={','.join(modes)}", f"--pool={','.join(pools)}",
         f"--broker={','.join(brokers)}", "-n", "0", "-k", "test_success", f"--report={report}",
-        # The full failure texts (the JSON keeps the first lines of each). The scenarios need
-        # none of the API tests' plugins; not loading them saves the child ~1.5 s.
-        "--", f"--junitxml={junit}", "-o", "junit_family=legacy",
-        "-p", "no:schemathesis", "-p", "no:hypothesispytest", "-p", "no:anyio",
+        # The harness's own JUnit holds the full failure texts (the JSON keeps the first lines
+        # of each). The scenarios need none of the API tests' plugins; not loading them saves
+        # the child ~1.5 s.
+        f"--junit={junit}",
+        "--", "-p", "no:schemathesis", "-p", "no:hypothesispytest", "-p", "no:anyio",
     ]  # fmt: skip
     child = subprocess.run(
         command,
@@ -168,6 +169,56 @@ def test_prefix_runner_fails_exactly_the_running_cells(
         full = failures[f"test_success[{cell_id}]"]
         assert f"failed: {PRE_FIX_ERROR}" in full, full
         assert "detected_running_loop" not in full, "the pre-fix runner logs no runner line"
+
+    # The other reports say the same: the Markdown's running_* rows are red, and the HTML
+    # report, clicked in Chromium, opens a failed cell with the row's error and the log lines.
+    markdown = report.with_suffix(".md").read_text(encoding="utf-8")
+    for line in markdown.splitlines():
+        if line.startswith(("| running_loop |", "| running_uvloop |")):
+            assert "✅" not in line and "❌ FAIL" in line, line
+        elif line.startswith("| no_loop |"):
+            assert "❌" not in line, line
+    failed = next(c for c in cells if c.startswith("running_loop-"))
+    _click_a_failed_cell(report.with_suffix(".html"), failed, ROOT / "reports")
+
+
+def _click_a_failed_cell(page_path: Path, cell_id: str, screenshots: Path) -> None:
+    """Load the HTML report from disk in headless Chromium, click ``cell_id``, read its panel."""
+    from playwright.sync_api import expect, sync_playwright
+
+    from harness.workers.browser import launch_chromium
+
+    with sync_playwright() as playwright:
+        browser = launch_chromium(playwright)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            requested: list[str] = []
+            page.on("request", lambda request: requested.append(request.url))
+            page.goto(page_path.as_uri())
+            expect(page.locator("#verdict")).to_have_text("FAIL")
+            expect(page.locator("#facts")).to_contain_text("celery")
+            expect(page.locator("#facts")).to_contain_text("external")
+            button = page.locator(f'button[data-target="cell-{cell_id}"]')
+            expect(button).to_have_attribute("data-status", "fail")
+            red = button.evaluate("b => getComputedStyle(b).backgroundColor")
+            assert red == "rgb(255, 206, 203)", red
+            panel = page.locator(f"#cell-{cell_id}")
+            expect(panel).to_be_hidden()
+            button.click()
+            expect(panel).to_be_visible()
+            expect(button).to_have_class("cell fail selected")
+            text = panel.inner_text()
+            assert "status is 'failed', expected 'success'" in text, text
+            assert f"failed: {PRE_FIX_ERROR}" in text, "the run's worker log lines are shown"
+            assert page.locator("section.cell-detail:visible").count() == 1
+            screenshots.mkdir(parents=True, exist_ok=True)
+            shot = screenshots / "matrix-prefix-failed-cell.png"
+            page.screenshot(path=str(shot), full_page=True)
+            assert shot.stat().st_size > 10_000
+            # Self-contained: the page fetched nothing but itself.
+            assert requested == [page_path.as_uri()], requested
+        finally:
+            browser.close()
 
 
 @pytest.mark.asyncio

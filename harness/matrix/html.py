@@ -59,6 +59,7 @@ section.cell-detail { display: none; margin-top: 1.2em; }
 section.cell-detail.open { display: block; }
 pre { background: #f6f8fa; padding: 8px; overflow-x: auto; white-space: pre-wrap;
   max-height: 40em; }
+pre.message { background: #fff5f5; border-left: 4px solid #cf222e; }
 .outcome-failed, .outcome-interrupted { color: #cf222e; font-weight: 600; }
 .outcome-passed { color: #1a7f37; } .outcome-skipped { color: #57606a; }
 ul.problems li { margin: .2em 0; }
@@ -174,13 +175,17 @@ def _scenario(record: TestRecord) -> str:
         f"{_e(record.outcome)}</td><td>{record.duration_s:.2f} s</td><td>{_e(runs)}</td>"
         f"<td>{_e(record.celery_worker or '-')}</td></tr>"
     )
-    text = record.details or record.message
-    if not text:
+    if not record.message and not record.details:
         return head
-    return (
-        head + f'<tr><td colspan="5"><pre class="details" data-test="{_e(record.nodeid)}">'
-        f"{_e(text)}</pre></td></tr>"
+    # The one-line verdict and the row diff first; the traceback and the log lines below it.
+    message = f'<pre class="message">{_e(record.message)}</pre>' if record.message else ""
+    details = (
+        f"<details open><summary>the whole failure: traceback, row diff, log lines</summary>"
+        f'<pre class="details">{_e(record.details)}</pre></details>'
+        if record.details
+        else ""
     )
+    return f'{head}<tr><td colspan="5">{message}{details}</td></tr>'
 
 
 def _section(anchor: str, title: str, records: Iterable[TestRecord], note: str = "") -> str:
