@@ -13,14 +13,10 @@ passes. A harness that could not see the bug would report all green here.
 
 from __future__ import annotations
 
-import ctypes
 import json
-import os
-import signal
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Final
 
@@ -35,11 +31,11 @@ from harness.pytest.plugin import harness_config_key
 from harness.services import Services
 from harness.workers.loopmodes import LOOP_MODES
 from harness.workers.marketplace import MarketplaceServer
+from scenarios._child import ROOT, child_env, die_with_us
 from scenarios.expect import DOMAIN
 
 pytestmark = pytest.mark.integration
 
-ROOT: Final = Path(__file__).resolve().parent.parent
 PRE_FIX_ERROR: Final = f"RuntimeError: {FORBIDDEN_TEXT}"
 # What the shim's loop checks say after asyncio.run() (a second defect of the old code).
 CLOBBERED: Final = {
@@ -49,36 +45,6 @@ CLOBBERED: Final = {
 }
 # Generous: the child starts three workers and stops them; it takes a few seconds.
 CHILD_TIMEOUT_S: Final = 180
-
-
-def _die_with_us() -> Callable[[], None] | None:
-    """A preexec_fn arming Linux's parent-death signal, so a killed session leaves no child."""
-    if not sys.platform.startswith("linux"):
-        return None
-    prctl = ctypes.CDLL(None, use_errno=True).prctl
-    parent = os.getpid()
-
-    def arm() -> None:
-        prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
-        if os.getppid() != parent:
-            os._exit(1)  # we died before it was armed
-
-    return arm
-
-
-def _child_env(services: Services) -> dict[str, str]:
-    # Only this session's servers: the child's own pytest makes its database on our cluster.
-    # Nothing of ours that would make it think it is an xdist worker or pick other settings.
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("HARNESS_", "PYTEST_", "APP_", "CELERY_"))
-    }
-    env["HARNESS_DATABASE_URL"] = services.postgres_admin_url
-    env["HARNESS_REDIS_URL"] = services.redis_url
-    if services.amqp_url is not None:
-        env["HARNESS_AMQP_URL"] = services.amqp_url
-    return env
 
 
 def _junit_failures(path: Path) -> dict[str, str]:
@@ -128,11 +94,11 @@ def test_prefix_runner_fails_exactly_the_running_cells(
     child = subprocess.run(
         command,
         cwd=ROOT,
-        env=_child_env(services),
+        env=child_env(services),
         capture_output=True,
         text=True,
         timeout=CHILD_TIMEOUT_S,
-        preexec_fn=_die_with_us(),
+        preexec_fn=die_with_us(),
     )
     output = f"exit code {child.returncode}\n--- stdout\n{child.stdout}\n--- stderr\n{child.stderr}"
     assert report.exists(), f"`harness matrix` wrote no report:\n{output}"
