@@ -31,7 +31,7 @@ EXPECTED_ERROR = {
 
 
 @pytest.mark.parametrize("mode", ["no_loop", "running_loop"])
-@pytest.mark.parametrize("fault", list(JobFault), ids=[f.value for f in JobFault])
+@pytest.mark.parametrize("fault", list(EXPECTED_ERROR), ids=[f.value for f in EXPECTED_ERROR])
 def test_a_base_exception_inside_the_job_leaves_the_row_failed(
     fault: JobFault,
     mode: str,

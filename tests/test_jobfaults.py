@@ -9,6 +9,7 @@ import pytest
 from celery.app.task import Context
 
 from harness.core.errors import UsageError
+from harness.workers import jobfaults
 from harness.workers.jobfaults import (
     JOB_FAULT_HEADER,
     JobFault,
@@ -78,3 +79,22 @@ def test_the_fault_comes_from_the_message_header() -> None:
     assert job_fault_for_request(Context()) is None
     with pytest.raises(UsageError, match=r"unknown job fault 'nope'.*valid: cancelled"):
         job_fault_for_request(Context(**{JOB_FAULT_HEADER: "nope"}))
+
+
+def test_hang_blocks_the_jobs_thread_in_hang_here(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``hang`` raises nothing: the job's thread blocks where a stack dump shows it."""
+    blocked: list[float] = []
+
+    def fake_sleep(seconds: float) -> None:  # the one piece under test: who sleeps, how long
+        blocked.append(seconds)
+        raise InterruptedError("stands in for the test's deadline")
+
+    monkeypatch.setattr(jobfaults.time, "sleep", fake_sleep)
+
+    async def job() -> str:
+        await asyncio.sleep(5)
+        return "never"
+
+    with raising(JobFault.HANG), pytest.raises(InterruptedError):
+        wrap_runner(_runner)(job())
+    assert blocked == [jobfaults.HANG_S]

@@ -565,6 +565,11 @@ def test_the_session_goes_on():
 
 def test_a_hang_fails_at_its_deadline_with_every_threads_stack(project: pytest.Pytester) -> None:
     project.makepyfile(test_hang=HANGING_TEST)
+    # What a started Celery worker registers (tests/test_worker.py takes a real one's).
+    project.makeconftest(
+        "from harness.core import stacks\n"
+        "stacks.register('Celery worker w1 (pool solo)', lambda: 'STACKS OF W1')\n"
+    )
     started = time.monotonic()
     result = project.runpytest_subprocess(
         "test_hang.py", "--harness-deadline=1", "-p", "no:cacheprovider", timeout=120
@@ -577,6 +582,8 @@ def test_a_hang_fails_at_its_deadline_with_every_threads_stack(project: pytest.P
     assert "--- thread helper" in text and "in helper_waits_for_its_caller" in text
     assert "release.wait()" in text  # what the helper waits on
     assert "lock.acquire()" in text  # and where the test stood
+    assert "Stacks of the Celery workers the test process runs:" in text
+    assert "=== Celery worker w1 (pool solo)" in text and "STACKS OF W1" in text
     assert took < 30, f"the session took {took:.1f} s"
 
 

@@ -36,6 +36,8 @@ from harness.core.logs import (
     task_lines,
 )
 from harness.core.runs import RunRow, RunStore
+from harness.pytest.deadline import hang_report
+from harness.workers.jobfaults import JOB_FAULT_HEADER
 from harness.workers.loopmodes import LOOP_MODES, LoopModeError, expected_runner_line
 from harness.workers.marketplace import MarketplaceServer
 from harness.workers.process import CeleryWorkerProcess, WorkerStartError, app_env, mask_secrets
@@ -317,6 +319,38 @@ def test_a_failing_run_is_finished_and_logged(
 
 
 # -- workers of their own --------------------------------------------------------------------
+
+
+@integration
+@pytest.mark.parametrize("pool", ["solo", "prefork", "threads"])
+def test_a_hung_run_is_in_the_workers_stacks_of_a_hang_report(
+    worker_env: dict[str, str], log_dir: Path, runs: RunStore, marketplace_code: str, pool: str
+) -> None:
+    """What a test that passes its deadline reports: the stacks of the worker holding the run,
+    down to the job's blocking call, in the process (prefork: the pool's) that runs it."""
+    worker = CeleryWorkerProcess(env=worker_env, log_dir=log_dir, pool=pool).start()
+    try:
+        run_id = runs.create(project_id=1, marketplace_code=marketplace_code)
+        worker.send(run_id, loop_mode="running_loop", headers={JOB_FAULT_HEADER: "hang"})
+        report = ""
+        for _ in range(100):  # the job blocks FAULT_AFTER_S after it starts
+            report = hang_report("t.py::test (call)", 1.0)
+            if "hang_here" in report:
+                break
+            time.sleep(0.1)
+        assert f"=== Celery worker {worker.node_name} (pool {pool})" in report, report
+        worker_part = report.split(f"=== Celery worker {worker.node_name}", 1)[1]
+        process = "pool process" if pool == "prefork" else "main process"
+        stuck = [block for block in worker_part.split("--- ") if "hang_here" in block]
+        assert stuck and stuck[0].startswith(process), worker_part
+        # Down the job's own call chain: the runner, the job's coroutine, the blocking call.
+        assert "in _faulty" in stuck[0] and "jobfaults.py" in stuck[0], stuck[0]
+        assert "asyncio" in stuck[0], stuck[0]
+        assert worker.is_alive(), "taking the stacks must not kill the worker"
+    finally:
+        worker.kill()
+    # Gone with the worker: a later hang report does not ask it.
+    assert worker.node_name not in hang_report("t", 1.0)
 
 
 @integration

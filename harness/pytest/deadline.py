@@ -2,7 +2,9 @@
 stack, instead of holding the session until an outer limit kills it.
 
 A watchdog thread waits for the running test's deadline. When it passes, it takes the stack of
-every thread of the test process (the hang and what it waits for), then sends ``SIGUSR1`` to
+every thread of the test process (the hang and what it waits for) and of every Celery worker
+the process runs (:mod:`harness.core.stacks`: each worker dumps its own on SIGUSR2, in C, so a
+worker stuck in a blocking call still answers), then sends ``SIGUSR1`` to
 the main thread, whose handler raises :class:`DeadlineExceeded` with those stacks where the
 test stands. A real signal, not a simulated one: it interrupts a blocking lock acquire, a sleep
 or a socket read, which a runner that makes a nested call wait for its own caller is stuck in.
@@ -27,9 +29,16 @@ from typing import Final
 
 import pytest
 
+from harness.core import stacks
 from harness.core.errors import CheckFailed
 
-__all__ = ["DEADLINE_ENV", "DEFAULT_DEADLINE_S", "DeadlineExceeded", "DeadlinePlugin"]
+__all__ = [
+    "DEADLINE_ENV",
+    "DEFAULT_DEADLINE_S",
+    "DeadlineExceeded",
+    "DeadlinePlugin",
+    "hang_report",
+]
 
 DEADLINE_ENV: Final = "HARNESS_DEADLINE_S"
 DEFAULT_DEADLINE_S: Final = 300.0
@@ -50,6 +59,21 @@ def thread_stacks(skip: int | None = None) -> str:
         stack = "".join(traceback.format_stack(frame))
         blocks.append(f"--- thread {names.get(ident, '?')} ({ident}):\n{stack}")
     return "\n".join(blocks)
+
+
+def hang_report(what: str, seconds: float, *, skip: int | None = None) -> str:
+    """What a test that passed its deadline fails with: every thread's stack of the test
+    process, then of each process it drives that can dump its own (its Celery workers)."""
+    text = (
+        f"{what} passed its {seconds:g} s deadline (--harness-deadline or "
+        "@pytest.mark.deadline): it hung, or waited far longer than it should. "
+        "Stacks of every thread of the test process when the deadline passed:\n"
+        + thread_stacks(skip=skip)
+    )
+    others = stacks.collect()
+    if others:
+        text += "\n\nStacks of the Celery workers the test process runs:\n" + others
+    return text
 
 
 def parse_deadline(value: str, source: str) -> float:
@@ -139,12 +163,7 @@ class DeadlinePlugin:
                     self._wake.wait(left)
                     continue
                 self._armed = None
-                self._fired = (
-                    f"{what} passed its {seconds:g} s deadline (--harness-deadline or "
-                    "@pytest.mark.deadline): it hung, or waited far longer than it should. "
-                    "Stacks of every thread of the test process when the deadline passed:\n"
-                    + thread_stacks(skip=threading.get_ident())
-                )
+                self._fired = hang_report(what, seconds, skip=threading.get_ident())
                 assert _SIGNAL is not None and self._main is not None
                 signal.pthread_kill(self._main, _SIGNAL)
 

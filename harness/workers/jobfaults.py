@@ -8,7 +8,9 @@ inside the coroutine the Target's runner was given, as the job itself would rais
 - ``cancelled``: ``asyncio.CancelledError``, as a job that awaits something cancelled under it;
 - ``system_exit``: ``SystemExit(3)``, as a library that calls ``sys.exit(3)``;
 - ``keyboard_interrupt``: ``KeyboardInterrupt``, what Python raises where the job runs when
-  SIGINT arrives with its default handler.
+  SIGINT arrives with its default handler;
+- ``hang``: no exception: the job blocks its thread (:func:`hang_here`, up to
+  :data:`HANG_S`), as a job stuck in a blocking call does, for the deadline's stack dump.
 
 The runner is wrapped once, at the worker's start (:func:`wrap_runner`); the fault of the
 message being run is carried by a context variable, so runs in flight at once (threads, gevent)
@@ -22,6 +24,7 @@ import contextlib
 import contextvars
 import enum
 import functools
+import time
 from collections.abc import Callable, Coroutine, Iterator
 from typing import Any, Final, TypeVar
 
@@ -30,8 +33,10 @@ from harness.workers.loopmodes import message_header
 
 __all__ = [
     "FAULT_AFTER_S",
+    "HANG_S",
     "JOB_FAULT_HEADER",
     "JobFault",
+    "hang_here",
     "job_fault_for_request",
     "parse_job_fault",
     "raising",
@@ -49,6 +54,16 @@ class JobFault(enum.StrEnum):
     CANCELLED = "cancelled"
     SYSTEM_EXIT = "system_exit"
     KEYBOARD_INTERRUPT = "keyboard_interrupt"
+    HANG = "hang"
+
+
+#: How long a ``hang`` blocks: far past any test's deadline, yet not forever.
+HANG_S: Final = 600.0
+
+
+def hang_here() -> None:
+    """Block the calling thread, where a worker's stack dump shows it by this name."""
+    time.sleep(HANG_S)
 
 
 # The exit code a job's SystemExit carries, so that the error message can be checked for it.
@@ -89,6 +104,8 @@ async def _faulty(fault: JobFault, job: Coroutine[Any, Any, T]) -> T:
     if task.done():  # the job ended first: no fault to inject mid-run, say so loudly
         task.result()
         raise RuntimeError(f"the job ended within {FAULT_AFTER_S} s: no {fault} to inject")
+    if fault is JobFault.HANG:
+        hang_here()
     task.cancel()
     with contextlib.suppress(BaseException):
         await task

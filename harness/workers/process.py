@@ -34,12 +34,14 @@ import kombu.entity
 import psutil
 from celery import Celery
 
+from harness.core import stacks
 from harness.core._lifecycle import StartStop
 from harness.core.errors import SetupError
 from harness.core.logs import LogLine, read_log_file, trace_lines
 from harness.core.pythons import WORKER_PYTHON_ENV
 from harness.core.target import TARGET_ENV, default_target, default_target_spec, load_target
 from harness.workers.loopmodes import LOOP_MODE_HEADER, POOL_ENV, LoopMode, parse_loop_mode
+from harness.workers.stackdump import STACKS_FILE_ENV, take_stacks
 
 __all__ = [
     "CeleryWorkerProcess",
@@ -180,9 +182,16 @@ class CeleryWorkerProcess(StartStop):
             "--without-gossip", "--without-mingle", "--without-heartbeat",
             "--loglevel", loglevel, "--logfile", str(self.log_path),
         ]  # fmt: skip
+        # Where the worker writes its threads' stacks when asked (harness.workers.stackdump).
+        self.stacks_path = self.log_path.with_suffix(".stacks")
         self.env = self._environment(
             env,
-            {TARGET_ENV: self.target_spec, POOL_ENV: pool, **(extra_env or {})},
+            {
+                TARGET_ENV: self.target_spec,
+                POOL_ENV: pool,
+                STACKS_FILE_ENV: str(self.stacks_path),
+                **(extra_env or {}),
+            },
             drop=(*_DROPPED_ENV_PREFIXES, self.target.env_prefix),
         )
         # The worker imports the Target, its app and its runner from where this process did (a
@@ -196,6 +205,7 @@ class CeleryWorkerProcess(StartStop):
         self._client: Celery | None = None
         self._log_offset = 0
         self._finished = False
+        self._stacks_token: int | None = None
 
     def __repr__(self) -> str:
         state = "not started" if self._proc is None else f"pid {self._proc.pid}"
@@ -240,6 +250,10 @@ class CeleryWorkerProcess(StartStop):
             self._cleanup_after_failed_start()
             raise
         self.start_s = time.monotonic() - started
+        # A test that hangs while this worker runs gets the worker's stacks in its report.
+        self._stacks_token = stacks.register(
+            f"Celery worker {self.node_name} (pool {self.pool})", self.dump_stacks
+        )
         logger.info("worker %s ready in %.3f s (pid %d)", self.node_name, self.start_s, self.pid)
         return self
 
@@ -446,6 +460,9 @@ class CeleryWorkerProcess(StartStop):
         proc = self._proc
         if proc is None or self._finished:
             return
+        if self._stacks_token is not None:
+            stacks.unregister(self._stacks_token)
+            self._stacks_token = None
         if proc.returncode is None:
             leftovers = self._others_in_group()
             if leftovers:
@@ -463,6 +480,18 @@ class CeleryWorkerProcess(StartStop):
             proc.wait(timeout=_KILL_WAIT_S)
         self._finished = True
         self._delete_queue()
+
+    def dump_stacks(self) -> str:
+        """Every thread's stack of each live process of the worker: the main one, then the
+        pool's (prefork); taken with SIGUSR2, which the worker app answers in C."""
+        if self._proc is None:
+            return "(not started)"
+        main = self._proc.pid
+        pids = [
+            (pid, "main process" if pid == main else "pool process") for pid in self.group_pids()
+        ]
+        pids.sort(key=lambda item: item[0] != main)
+        return take_stacks(self.stacks_path, pids) if pids else "(no live process)"
 
     def _others_in_group(self) -> list[int]:
         main = self._proc.pid if self._proc is not None else None

@@ -14,7 +14,9 @@ that the app stays unaware of the harness. The app, its task and its runner are 
   that fault from inside (:mod:`harness.workers.jobfaults`);
 - after each run, logs what the run left behind in the process (:mod:`harness.workers.probe`);
 - in a prefork worker (``HARNESS_POOL=prefork``), makes and sets a loop in the parent before
-  the pool forks, for the ``inherited_loop`` mode.
+  the pool forks, for the ``inherited_loop`` mode;
+- with ``HARNESS_STACKS_FILE``, dumps every thread's stack there on ``SIGUSR2`` (in C, so a
+  hung interpreter still answers), for the report of a test that passes its deadline.
 
 Environment (besides the app's own): ``HARNESS_TARGET``, ``HARNESS_DEFAULT_LOOP_MODE``,
 ``HARNESS_RUNNER`` (``fixed``, the default, or ``prefix``), ``HARNESS_BROKER_POLLING_INTERVAL_S``
@@ -52,6 +54,7 @@ from harness.workers.loopmodes import (
 )
 from harness.workers.probe import Probe
 from harness.workers.probe import install as install_probe
+from harness.workers.stackdump import dump_stacks_on_signal
 
 __all__ = ["POLLING_INTERVAL_ENV", "RUNNER_ENV", "app", "celery_app", "prefix_run_async_safe"]
 
@@ -165,6 +168,7 @@ def _configure(env: Mapping[str, str]) -> str:
 
 
 _RUNNER = _configure(os.environ)
+_STACKS_FILE = dump_stacks_on_signal(os.environ)
 
 # The interpreter's last garbage collection walks every object of a process that loaded
 # Celery, SQLAlchemy and pydantic: 0.1-0.4 s of every stop. Freezing the heap at exit skips
