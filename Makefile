@@ -6,6 +6,11 @@ STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 # e.g. make run RUN_ARGS='--port 8001 --loop-mode running_loop'
 RUN_ARGS ?=
+# e.g. make matrix MATRIX_ARGS='--shard 2/3 --report reports/shard-2/matrix.json' (docs/ci.md)
+MATRIX_ARGS ?=
+# make merge: the directories (or files) of the shards' reports, and where the merge goes.
+SHARDS ?= reports/shards
+MERGE_REPORT ?= reports/merged/matrix.json
 # Keep Python's bytecode, outside the source tree. Machines here export PYTHONDONTWRITEBYTECODE=1:
 # every process (pytest, each xdist worker, each Celery worker) then compiles the project from
 # source, and pytest re-rewrites the asserts of every plugin package's modules, 1-3 s per process.
@@ -18,10 +23,12 @@ unexport PYTHONDONTWRITEBYTECODE
 # where an engine answers. TEST_SERVICES=auto would run the whole suite in containers.
 TEST_SERVICES ?= local
 
-.PHONY: help setup system-deps lint test test-main test-docker matrix run flake stress bench clean
+.PHONY: help setup system-deps lint test test-main test-docker matrix merge run flake stress bench clean
 
 help:
-	@echo "make matrix   run the default loop-mode x pool x broker matrix (the main job)"
+	@echo "make matrix   run the default loop-mode x pool x broker matrix (the main job):"
+	@echo "              reports/matrix.{json,html,md} and reports/matrix-junit.xml"
+	@echo "make merge    join the shards' reports (SHARDS=dirs) into one (MERGE_REPORT)"
 	@echo "make test     run every test (lint, unit, integration, scenarios, browser; the"
 	@echo "              docker tier too where a Docker engine answers)"
 	@echo "make run      start the whole stack by hand on 127.0.0.1:8000"
@@ -59,7 +66,11 @@ test-docker: setup
 	VENV=$(VENV) scripts/docker-tier.sh
 
 matrix: setup
-	$(VENV)/bin/harness matrix
+	$(VENV)/bin/harness matrix $(MATRIX_ARGS)
+
+# Needs only the Python packages: no servers, no browser.
+merge: $(STAMP)
+	$(VENV)/bin/harness report merge $(SHARDS) --report $(MERGE_REPORT)
 
 run: setup
 	$(PY) -m app $(RUN_ARGS)

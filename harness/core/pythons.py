@@ -28,6 +28,7 @@ from harness.core.errors import SetupError, UsageError
 __all__ = [
     "PYTHON_ENV",
     "SEARCHED",
+    "SUPPORTED",
     "WORKER_PYTHON_ENV",
     "PythonNotFound",
     "default_cache",
@@ -36,6 +37,10 @@ __all__ = [
     "search_places",
     "worker_python",
 ]
+
+#: The CPython versions the harness supports (pyproject's requires-python, up to the newest
+#: tested): what the CI files in .github/workflows and docs/ci run the matrix on.
+SUPPORTED: Final = ("3.11", "3.12", "3.13")
 
 PYTHON_ENV: Final = "HARNESS_PYTHON"
 # The interpreter the harness starts Celery workers with (harness.workers.process).
