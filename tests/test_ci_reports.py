@@ -199,6 +199,9 @@ def test_flake_writes_junit_per_run_and_a_markdown_summary(project: Path, tmp_pa
     # Only the flake's own summary reaches the CI page, not each run's.
     assert summary.read_text(encoding="utf-8") == markdown + "\n"
     assert (project / "reports" / "flake-runs" / "run-01.html").is_file()
+    page = (project / "reports" / "flake.html").read_text(encoding="utf-8")
+    assert 'href="run-01.html"' not in page  # the runs' pages are in flake-runs/
+    assert 'href="flake-runs/run-01.html"' in page and "FAIL" in page
 
 
 def test_an_error_outside_any_test_is_a_junit_error(project: Path) -> None:
@@ -208,3 +211,39 @@ def test_an_error_outside_any_test_is_a_junit_error(project: Path) -> None:
     xml = JUnitXml.fromfile(str(project / "reports" / "matrix-junit.xml"))
     errors = [c for suite in xml for c in suite if any(isinstance(r, Error) for r in c.result)]
     assert errors and "no_such_module" in errors[0].result[0].text
+
+
+PLAIN = """\
+def test_plain_one():
+    pass
+
+def test_plain_two():
+    pass
+
+def test_plain_three():
+    pass
+"""
+
+
+def _ran(project: Path, *args: str) -> set[str]:
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "sc", "-p", "no:cacheprovider", "-q", "-rA",
+         "--services=external", *CELLS_ALL, *args],
+        cwd=project, env=clean_env(), capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return {line.split()[1] for line in proc.stdout.splitlines() if line.startswith("PASSED ")}
+
+
+CELLS_ALL = ["--loop-mode=all", "--pool=prefork,solo,threads"]
+
+
+def test_the_pytest_option_shards_cells_and_plain_tests_alike(project: Path) -> None:
+    (project / "sc" / "test_plain.py").write_text(PLAIN)
+    whole = _ran(project)
+    parts = [_ran(project, f"--shard={k}/3") for k in (1, 2, 3)]
+    assert set().union(*parts) == whole and sum(len(p) for p in parts) == len(whole)
+    assert all(parts)
+    # A (pool, broker)'s cells stay together: each shard's workers are its own.
+    pairs = [{n.split("[")[1].split("-", 1)[1] for n in p if "-redis]" in n} for p in parts]
+    assert not (pairs[0] & pairs[1] or pairs[0] & pairs[2] or pairs[1] & pairs[2]), pairs

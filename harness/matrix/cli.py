@@ -31,6 +31,7 @@ from harness.core.errors import UsageError
 from harness.core.pythons import PYTHON_ENV, SEARCHED, find_interpreter, parse_versions
 from harness.core.shard import SHARD_ENV
 from harness.matrix.facts import served_by, versions
+from harness.matrix.html import render_flake_html, write_text
 from harness.matrix.junit import write_junit
 from harness.matrix.markdown import STEP_SUMMARY_ENV, publish_text, render_flake_markdown
 from harness.matrix.merge import MergeError, find_reports, merge
@@ -969,8 +970,15 @@ def _flake_runs(opts: Options) -> int:
         markdown,
     )
     verdict = "PASS" if exit_code == EXIT_OK else "FAIL"
+    page = opts.report.with_suffix(".html")
+    write_text(
+        page,
+        render_flake_html(
+            opts.command, opts.runs, summaries, non_passes, verdict, base=page.parent
+        ),
+    )
     print(
-        f"\nreports: {opts.report}, {junit}, {markdown}"
+        f"\nreports: {opts.report}, {junit}, {page}, {markdown}"
         + (f" (and {step_summary})" if step_summary else "")
         + f"\n{opts.command}: {verdict} ({len(non_passes)} non-passes in {len(summaries)} runs)",
         flush=True,

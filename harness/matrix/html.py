@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import html
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 from harness.core.cell import Cell
 from harness.matrix.report import (
@@ -30,7 +30,7 @@ from harness.matrix.report import (
     format_ms,
 )
 
-__all__ = ["cell_anchor", "render_html", "write_html"]
+__all__ = ["cell_anchor", "render_flake_html", "render_html", "write_html", "write_text"]
 
 _STATUS_TEXT: Final = {
     "pass": "pass",
@@ -245,7 +245,58 @@ def render_html(result: MatrixResult, *, title: str = "ingest-harness matrix") -
 
 
 def write_html(path: Path, result: MatrixResult, *, title: str = "ingest-harness matrix") -> None:
+    write_text(path, render_html(result, title=title))
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write atomically: a CI step that reads the page never sees half of it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(render_html(result, title=title), encoding="utf-8")
+    tmp.write_text(text, encoding="utf-8")
     tmp.replace(path)
+
+
+def render_flake_html(
+    command: str,
+    runs: int,
+    summaries: Sequence[Mapping[str, Any]],
+    non_passes: Sequence[Mapping[str, Any]],
+    verdict: str,
+    *,
+    base: Path,
+) -> str:
+    """``harness flake`` / ``stress``: a row per run, linking to that run's own HTML report
+    (a link relative to ``base``, the page's directory: nothing is fetched), then every
+    non-pass."""
+    rows = []
+    for s in summaries:
+        page = os.path.relpath(Path(str(s.get("report", ""))).with_suffix(".html"), base)
+        status = "pass" if s["exit_code"] == EXIT_OK else "fail"
+        rows.append(
+            f'<tr><td>{s["run"]}</td><td><a class="cell {status}" href="{_e(page)}">'
+            f"{_STATUS_TEXT[status]}</a></td><td>{s['passed']}</td><td>{s['failed']}</td>"
+            f"<td>{s['skipped']}</td><td>{s['cells_passed']}/{s['cells']}</td>"
+            f"<td>{s['duration_s']:.1f} s</td></tr>"
+        )
+    items = []
+    for item in non_passes:
+        mode = item.get("loop_mode")
+        where = Cell(mode, item["pool"], item["broker"]).label if mode is not None else "-"
+        items.append(
+            f"<li>run {item['run']} <code>{_e(where)}</code> <code>{_e(item.get('test') or '-')}"
+            f"</code> {_e(item['outcome'])}<pre>{_e(item.get('message') or '')}</pre></li>"
+        )
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>ingest-harness {_e(command)}: {verdict}</title>
+<style>{_STYLE}</style></head>
+<body>
+<h1>ingest-harness {_e(command)}:
+<span id="verdict" class="verdict-{verdict.lower()}">{verdict}</span></h1>
+<p>{len(summaries)} of {runs} runs completed; {len(non_passes)} non-pass(es). Each run's own
+report opens from its row.</p>
+<table id="runs"><thead><tr><th>run</th><th>verdict</th><th>passed</th><th>failed</th>
+<th>skipped</th><th>cells passing</th><th>time</th></tr></thead>
+<tbody>{"".join(rows)}</tbody></table>
+<ul class="problems">{"".join(items)}</ul>
+</body></html>
+"""
