@@ -58,8 +58,9 @@ test: setup lint test-main test-docker
 
 # worksteal: the other xdist worker takes over tests queued behind a long one (the pre-fix proof).
 # --pool all: the gevent cells and the in-flight runs on gevent are part of every test run.
+# --harness-report: the suite's JSON, JUnit XML, HTML and Markdown in reports/test/ (docs/ci.md).
 test-main: setup
-	HARNESS_SERVICES=$(TEST_SERVICES) $(VENV)/bin/pytest -n 2 --dist worksteal -m "not docker" --pool all $(PYTEST_ARGS)
+	HARNESS_SERVICES=$(TEST_SERVICES) $(VENV)/bin/pytest -n 2 --dist worksteal -m "not docker" --pool all --harness-report=reports/test/matrix.json $(PYTEST_ARGS)
 
 # Runs only where a Docker engine answers; says so and passes where none does.
 test-docker: setup

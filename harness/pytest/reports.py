@@ -92,6 +92,7 @@ class _Reporter:
         paths = publish(result, self.path, junit=Path(self.junit) if self.junit else None)
         reporter = self.config.pluginmanager.get_plugin("terminalreporter")
         if reporter is not None:
+            reporter.ensure_newline()
             reporter.write_line(f"ingest-harness {paths.line()}")
 
 
