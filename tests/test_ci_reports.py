@@ -80,8 +80,10 @@ def test_matrix_writes_junit_html_and_markdown(project: Path, workers: str) -> N
     proc = harness(
         project,
         *matrix_args("-n", workers, "--report=out/m.json", "--junit=ci/junit.xml"),
-        env={"FAIL_POOL": "solo"},
+        # The plugin's own report variable, set by the user: harness matrix writes once.
+        env={"FAIL_POOL": "solo", "HARNESS_REPORT": "twice/m.json"},
     )
+    assert not (project / "twice").exists()
     assert proc.returncode == 1, proc.stdout + proc.stderr
     _check_junit(project / "ci" / "junit.xml")
     page = (project / "out" / "m.html").read_text(encoding="utf-8")

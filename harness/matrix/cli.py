@@ -35,7 +35,7 @@ from harness.matrix.html import render_flake_html, write_text
 from harness.matrix.junit import write_junit
 from harness.matrix.markdown import STEP_SUMMARY_ENV, publish_text, render_flake_markdown
 from harness.matrix.merge import MergeError, find_reports, merge
-from harness.matrix.publish import junit_beside, publish
+from harness.matrix.publish import REPORT_ENV, junit_beside, publish
 from harness.matrix.report import (
     EXIT_ERROR,
     EXIT_NOT_PASSED,
@@ -653,7 +653,8 @@ def run_matrix(opts: Options, services: Services | None) -> MatrixResult:
     )
     collector = MatrixCollector(stream=sys.stdout)
     args = pytest_arguments(opts, services_started=services is not None)
-    with _patched_environ(_service_env(services)):
+    # The reports are written here; the plugin's --harness-report would write them twice.
+    with _patched_environ({**_service_env(services), REPORT_ENV: None}):
         exit_code = run_pytest(args, collector, opts.pytest_log)
     collector.flush_pending()
     result = MatrixResult.from_config(

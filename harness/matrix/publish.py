@@ -11,13 +11,17 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Final
 
 from harness.matrix.html import write_html
 from harness.matrix.junit import write_junit
 from harness.matrix.markdown import publish_markdown
 from harness.matrix.report import MatrixResult, to_json, write_json
 
-__all__ = ["ReportPaths", "junit_beside", "publish"]
+__all__ = ["REPORT_ENV", "ReportPaths", "junit_beside", "publish"]
+
+#: The variable of the pytest plugin's ``--harness-report`` (harness.pytest.reports).
+REPORT_ENV: Final = "HARNESS_REPORT"
 
 
 def junit_beside(report: Path) -> Path:
@@ -51,8 +55,10 @@ def publish(
     """Write the four reports of ``result``; ``report`` is the JSON's path."""
     write_json(report, to_json(result))
     junit_path = junit or junit_beside(report)
-    suite = title + (f" (shard {result.shard})" if result.shard is not None else "")
-    write_junit(junit_path, [(suite, result)])
+    # A shard's grid shows its own cells only: the title says whose part it is.
+    if result.shard is not None:
+        title += f" (shard {result.shard})"
+    write_junit(junit_path, [(title, result)])
     html_path = report.with_suffix(".html")
     write_html(html_path, result, title=title)
     markdown = report.with_suffix(".md")

@@ -22,13 +22,12 @@ import pytest
 
 from harness.core.config import HarnessConfig
 from harness.matrix import facts
-from harness.matrix.publish import publish
+from harness.matrix.publish import REPORT_ENV, publish
 from harness.matrix.report import MatrixCollector, MatrixResult
 from harness.services import Services
 
 __all__ = ["REPORT_ENV", "add_options", "note_services", "register"]
 
-REPORT_ENV: Final = "HARNESS_REPORT"
 _SERVICES_KEY: Final = "harness_services"
 _served_key: Final = pytest.StashKey[dict[str, Any]]()
 
