@@ -322,6 +322,33 @@ def test_a_failing_run_is_finished_and_logged(
 
 
 @integration
+def test_an_idle_worker_is_killed_at_once_and_a_busy_one_is_stopped_warm(
+    worker_env: dict[str, str], log_dir: Path, runs: RunStore, marketplace_code: str
+) -> None:
+    """``stop(kill_if_idle=True)``, the farm's: no warm shutdown's waits for a worker with
+    nothing to do, but one holding a task (here one scheduled for later) is stopped warm."""
+    idle = CeleryWorkerProcess(env=worker_env, log_dir=log_dir, pool="prefork").start()
+    pids = idle.group_pids()
+    assert idle.idle()
+    idle.stop(kill_if_idle=True)
+    assert idle.returncode == -signal.SIGKILL  # killed, not a warm shutdown's exit 0
+    assert wait_gone(pids) == []
+    assert broker_keys(worker_env["APP_BROKER_URL"], idle.queue) == []  # its queue is deleted
+
+    busy = CeleryWorkerProcess(env=worker_env, log_dir=log_dir, pool="solo").start()
+    try:
+        run_id = runs.create(project_id=1, marketplace_code=marketplace_code)
+        busy.send(run_id, loop_mode="no_loop", countdown=60)
+        deadline = time.monotonic() + 10
+        while busy.idle() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not busy.idle(), "a worker holding a scheduled task is not idle"
+    finally:
+        busy.stop(kill_if_idle=True)
+    assert busy.returncode == 0, "the busy worker was not stopped warm"
+
+
+@integration
 @pytest.mark.parametrize("pool", ["solo", "prefork", "threads"])
 def test_a_hung_run_is_in_the_workers_stacks_of_a_hang_report(
     worker_env: dict[str, str], log_dir: Path, runs: RunStore, marketplace_code: str, pool: str

@@ -64,6 +64,8 @@ _READY_PING_TIMEOUT_S: Final = 0.05
 _CLIENT_POLL_S: Final = 0.01
 _LOG_POLL_S: Final = 0.01
 _KILL_WAIT_S: Final = 5.0
+_IDLE_CHECK_TIMEOUT_S: Final = 0.5
+_NOT_FOUND: Final = 404  # AMQP's reply code, which kombu's Redis transport uses too
 
 
 def mask_secrets(text: str) -> str:
@@ -344,8 +346,14 @@ class CeleryWorkerProcess(StartStop):
         finally:
             self._close_client()
 
-    def stop(self, timeout: float = 10.0) -> None:
+    def stop(self, timeout: float = 10.0, *, kill_if_idle: bool = False) -> None:
         """Warm shutdown (SIGTERM) within ``timeout`` s, then SIGKILL to the whole group.
+
+        ``kill_if_idle``: when the worker has nothing to finish (:meth:`idle`), SIGKILL its
+        group at once. A warm shutdown of an idle worker only waits: prefork's pool processes
+        each sleep 1 s on their way out (billiard) and its shutdown timer 0.5 s, gevent's pool
+        ~4.5 s; a cold shutdown (SIGQUIT) takes as long. With no task running, reserved or
+        queued there is nothing to lose, and the queue is deleted as after any stop.
 
         Idempotent; leaves no process of the worker's group behind.
         """
@@ -354,6 +362,10 @@ class CeleryWorkerProcess(StartStop):
         started = time.monotonic()
         killed = False
         try:
+            if kill_if_idle and self._exit_status() is None and self.idle():
+                self._signal_group(signal.SIGKILL)
+                self._wait_exit(time.monotonic() + _KILL_WAIT_S)
+                killed = True
             if self._exit_status() is None:
                 os.kill(self._proc.pid, signal.SIGTERM)
                 if not self._wait_exit(started + timeout):
@@ -545,6 +557,36 @@ class CeleryWorkerProcess(StartStop):
             destination=[self.node_name], timeout=timeout
         )
         return any(self.node_name in reply for reply in replies or [])
+
+    def idle(self, timeout: float = _IDLE_CHECK_TIMEOUT_S) -> bool:
+        """Whether the worker has nothing to do or finish: its queue is empty, and it says it
+        runs, holds and schedules no task. False when it does not answer in ``timeout`` s."""
+        client = self._require_client()
+        try:
+            if self._waiting_messages(client):
+                return False
+            inspect = client.control.inspect(destination=[self.node_name], timeout=timeout)
+            for asked in (inspect.active, inspect.reserved, inspect.scheduled):
+                replies: dict[str, list[Any]] | None = asked()
+                if not replies or self.node_name not in replies or replies[self.node_name]:
+                    return False
+        except Exception as exc:  # not sure: the warm shutdown is the safe way
+            logger.info("worker %s: idle check failed (%s); stopping it warm", self.node_name, exc)
+            return False
+        return True
+
+    def _waiting_messages(self, client: Celery) -> int:
+        """Messages waiting in the worker's queue; a queue the broker does not know holds none
+        (Redis keeps no key for an empty list, and its passive declare says 404)."""
+        with client.connection_for_write() as conn:
+            try:
+                _, waiting, _ = conn.default_channel.queue_declare(self.queue, passive=True)
+            except conn.channel_errors as exc:
+                # py-amqp's reply code, an int from RabbitMQ, a string from kombu's Redis.
+                if str(getattr(exc, "reply_code", "")) == str(_NOT_FOUND):
+                    return 0
+                raise
+        return int(waiting)
 
     def send(self, run_id: int, *, loop_mode: LoopMode | str | None = None, **options: Any) -> str:
         """Enqueue ``execute_ingest(run_id)`` on this worker's queue; return the task id.
