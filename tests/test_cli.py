@@ -467,3 +467,12 @@ def test_n_is_capped_at_what_the_selection_can_use(capsys: pytest.CaptureFixture
     assert cli.parse_options(["matrix", "-n", "2"]).numprocesses == "2"
     assert cli.parse_options(["matrix", "-n", "0"]).numprocesses == "0"
     assert capsys.readouterr().err == ""
+
+
+def test_the_default_n_fits_the_selection(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``-n fit``: in this process for a small matrix, xdist for a large one."""
+    assert cli.parse_options(["matrix"]).numprocesses == "0"  # the default 17 cells
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    large = cli.parse_options(["matrix", "--pool=all", "--broker=redis,amqp"])  # 43 cells
+    assert large.numprocesses == "2"
+    assert cli.parse_options(["matrix", "--pool=all", "-n", "fit"]).numprocesses == "0"  # 22

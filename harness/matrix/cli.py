@@ -75,7 +75,11 @@ _STRESS_PYTEST_ARGS: Final = (
     "--ignore=scenarios/test_prefix_runner.py",
 )
 _LOG_TAIL_STRESS: Final = 40
-_NUMPROCESSES: Final = re.compile(r"\d+|auto|logical")
+_NUMPROCESSES: Final = re.compile(r"\d+|auto|logical|fit")
+# Measured (docs/benchmarks.md, issue 14): xdist's two extra pytest processes cost ~0.7 s; the
+# default 17 cells ran in 3.9 s with -n 0 and 4.6 s with -n 2, 22 cells equal, 43 cells in
+# 10.2 s with -n 0 and 8.4 s with -n 2.
+FIT_IN_PROCESS_CELLS: Final = 24
 _LOG_TAIL_LINES: Final = 30
 _FLAKE_MESSAGE_LINES: Final = 3
 EXIT_INTERRUPTED: Final = 130  # as a shell reports SIGINT
@@ -185,10 +189,11 @@ def _add_common(
     run.add_argument(
         "-n",
         "--numprocesses",
-        default="2",
+        default="fit",
         metavar="N",
-        help="pytest-xdist workers: a number, 'auto' or 'logical'; 0 runs in this process "
-        "(default: 2)",
+        help="pytest-xdist workers: a number, 'auto' or 'logical'; 0 runs in this process; "
+        f"'fit' (the default): 0 for up to {FIT_IN_PROCESS_CELLS} cells, where two more "
+        "pytest processes cost more than they split, else 'auto' (docs/benchmarks.md)",
     )
     run.add_argument("-k", dest="keyword", metavar="EXPR", help="pytest -k expression")
     run.add_argument(
@@ -404,6 +409,10 @@ def _useful_workers(config: HarnessConfig) -> int:
 
 def _cap_workers(requested: str, config: HarnessConfig) -> tuple[str, str]:
     """(-n to use, what to tell the user) with -n capped at what the selection can use."""
+    if requested == "fit":
+        if len(config.cells()) <= FIT_IN_PROCESS_CELLS:
+            return "0", ""
+        requested = "auto"
     if requested == "0":
         return requested, ""
     wanted = (os.cpu_count() or 1) if requested in ("auto", "logical") else int(requested)
