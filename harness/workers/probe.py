@@ -20,13 +20,14 @@ made one at a time.
 
 from __future__ import annotations
 
+import _socket
 import asyncio
 import functools
 import os
+import stat
 import threading
 import weakref
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Final
 
 __all__ = ["PROBE_TEMPLATE", "Probe", "RunLeftovers", "install", "tcp_connections_to"]
@@ -36,6 +37,9 @@ PROBE_TEMPLATE: Final = (
     "new_threads={new_threads} db_connections={db_connections:+d}"
 )
 
+_INET: Final = (_socket.AF_INET, _socket.AF_INET6)
+_TCP_INFO: Final = getattr(_socket, "TCP_INFO", 11)  # Linux's value where Python lacks it
+_TCP_ESTABLISHED: Final = 1  # tcpi_state, the first byte of struct tcp_info
 _loops: weakref.WeakSet[asyncio.AbstractEventLoop] = weakref.WeakSet()
 _installed = False
 
@@ -57,35 +61,42 @@ def install() -> None:
 
 
 def tcp_connections_to(port: int) -> int:
-    """How many of this process's sockets are TCP connections to ``port`` (Linux; else 0)."""
+    """How many of this process's sockets are established TCP connections to ``port``.
+
+    Asks each of the process's own sockets (a duplicate of its descriptor, closed again) for
+    its peer and its TCP state, rather than reading the machine's whole TCP table from
+    /proc/net/tcp: that table holds every socket of the network namespace (650 rows on this
+    shared machine, 3 ms a read), this is a few system calls per socket. The C ``_socket``
+    module, so that gevent's patching cannot get in the way. Linux; elsewhere 0.
+    """
     try:
-        inodes = {
-            os.readlink(fd.path)[len("socket:[") : -1]
-            for fd in os.scandir("/proc/self/fd")
-            if _is_socket(fd.path)
-        }
+        names = os.listdir("/proc/self/fd")
     except OSError:
         return 0
     count = 0
-    for table in ("/proc/self/net/tcp", "/proc/self/net/tcp6"):
+    for name in names:
         try:
-            rows = Path(table).read_text(encoding="ascii").splitlines()[1:]
+            fd = int(name)
+            if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+                continue
+            dup = os.dup(fd)
+        except (OSError, ValueError):
+            continue  # gone meanwhile (listdir's own descriptor is one of them)
+        try:
+            sock = _socket.socket(fileno=dup)
         except OSError:
+            os.close(dup)
             continue
-        for row in rows:
-            fields = row.split()
-            remote_port = int(fields[2].rsplit(":", 1)[1], 16)
-            established = fields[3] == "01"
-            if remote_port == port and established and fields[9] in inodes:
-                count += 1
+        try:
+            if sock.family in _INET and sock.type == _socket.SOCK_STREAM:
+                peer_port = sock.getpeername()[1]
+                state = sock.getsockopt(_socket.IPPROTO_TCP, _TCP_INFO, 1)[0]
+                count += peer_port == port and state == _TCP_ESTABLISHED
+        except OSError:
+            pass  # not connected
+        finally:
+            sock.close()  # the duplicate only: the process's own socket stays open
     return count
-
-
-def _is_socket(path: str) -> bool:
-    try:
-        return os.readlink(path).startswith("socket:[")
-    except OSError:
-        return False
 
 
 @dataclass(frozen=True, slots=True)
