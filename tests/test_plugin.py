@@ -105,7 +105,8 @@ harness_broker = redis,amqp
     )
     result = project.runpytest("--collect-only", "-q")
 
-    assert collected_ids(result) == ["idle_loop-solo-redis", "idle_loop-solo-amqp", "in_process"]
+    # In process first, then each worker's cells (harness.pytest.plugin._in_worker_order).
+    assert collected_ids(result) == ["in_process", "idle_loop-solo-redis", "idle_loop-solo-amqp"]
 
 
 def test_command_line_beats_ini_beats_environment(
@@ -635,3 +636,30 @@ def test_a_bad_python_is_a_usage_error(
     result = project.runpytest_subprocess("--collect-only", *args)
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     assert message in result.stderr.str()
+
+
+def test_tests_are_ordered_by_the_worker_they_run_on_within_a_module() -> None:
+    """In process first, then each (pool, broker)'s tests together, in first-need order; the
+    order inside a group and of the tests outside the matrix is kept (a stable sort)."""
+    from types import SimpleNamespace
+
+    from harness.core.cell import Cell
+    from harness.pytest.plugin import _in_worker_order
+
+    one, two = object(), object()
+
+    def item(name: str, module: object, **params: object) -> SimpleNamespace:
+        return SimpleNamespace(name=name, module=module, callspec=SimpleNamespace(params=params))
+
+    items = [
+        item("a", one, matrix_cell=Cell("no_loop", "prefork", "redis")),
+        item("b", one, matrix_cell=Cell("no_loop", "solo", "redis")),
+        item("plain", one),
+        item("c", one, matrix_cell=Cell("idle_loop", "prefork", "redis")),
+        item("d", one, matrix_cell=Cell("in_process")),
+        item("e", one, matrix_cell=Cell("idle_loop", "solo", "redis")),
+        item("f", two, worker_pool=("threads", "redis")),
+        item("g", two, matrix_cell=Cell("no_loop", "threads", "redis")),
+    ]
+    _in_worker_order(items)  # type: ignore[arg-type]
+    assert [i.name for i in items] == ["d", "a", "c", "b", "plain", "e", "f", "g"]

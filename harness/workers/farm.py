@@ -20,7 +20,9 @@ Exceptions::
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import threading
 import time
 from collections.abc import Iterable, Mapping
@@ -163,6 +165,8 @@ class WorkerFarm:
         self.warm_up = warm_up
         self.deaths: list[WorkerDeath] = []
         self._workers: dict[tuple[str, str], CeleryWorkerProcess] = {}
+        # Workers prestart() began and no worker() call has taken yet.
+        self._booting: dict[tuple[str, str], Future[CeleryWorkerProcess]] = {}
         self._store: RunStore | None = None
         self._spawner: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
@@ -201,17 +205,29 @@ class WorkerFarm:
         current = self._alive(key)
         if current is not None:
             return current
+        booting = self._booting.pop(key, None)
+        if booting is not None:
+            try:
+                worker = booting.result()
+            except Exception as exc:  # started again below, so the caller sees the error
+                logger.warning("farm: starting the %s/%s worker failed: %s", *key, exc)
+            else:
+                self._workers[key] = worker
+                return worker
         worker = self._submit(pool, broker).result()
         self._workers[key] = worker
         return worker
 
     def prestart(self, pairs: Iterable[tuple[str, str]]) -> None:
-        """Start the workers for ``pairs`` side by side; best effort.
+        """Begin starting the workers for ``pairs``, in that order, and return at once.
 
-        A pair whose broker is missing, or whose worker fails to start, is only logged here:
-        ``worker()`` tries again when a scenario needs it and reports the error there.
+        They boot on the farm's spawner threads, as many at a time as there are cores: with
+        ``pairs`` in the order the tests need them, the first worker is ready sooner than if
+        all booted at once on shared cores, and the later ones boot while the first one's
+        tests run. ``worker()`` waits for the one it is asked for. Best effort: a pair whose
+        broker is missing is only logged, and a worker that fails to start is started again
+        by ``worker()``, whose caller then sees the error.
         """
-        futures: dict[tuple[str, str], Future[CeleryWorkerProcess]] = {}
         for pool, broker in dict.fromkeys(pairs):
             key = self._check(pool, broker)
             if self._alive(key) is not None:
@@ -224,12 +240,8 @@ class WorkerFarm:
             except BrokerUnreachable as exc:  # worker() raises it in each of the cell's tests
                 logger.warning("farm: not starting %s/%s: %s", pool, broker, exc)
                 continue
-            futures[key] = self._submit(pool, broker)
-        for key, future in futures.items():
-            try:
-                self._workers[key] = future.result()
-            except Exception as exc:
-                logger.warning("farm: starting the %s/%s worker failed: %s", *key, exc)
+            if key not in self._booting:
+                self._booting[key] = self._submit(pool, broker)
 
     def _check(self, pool: str, broker: str) -> tuple[str, str]:
         if pool not in POOLS:
@@ -254,8 +266,9 @@ class WorkerFarm:
         # The broker URL is resolved here, so a missing broker raises in the caller's thread.
         broker_url = self.broker_url(broker)
         if self._spawner is None:
+            # A boot is CPU-bound (imports): more at once than cores only slows each.
             self._spawner = ThreadPoolExecutor(
-                max_workers=len(POOLS) * len(BROKERS), thread_name_prefix="farm-spawner"
+                max_workers=max(1, os.cpu_count() or 1), thread_name_prefix="farm-spawner"
             )
         return self._spawner.submit(self._start, pool, broker, broker_url)
 
@@ -347,6 +360,15 @@ class WorkerFarm:
         session should not wait for each in turn.
         """
         self._workers.clear()
+        # Boots not begun are dropped; those under way finish first, so that they are stopped
+        # with the rest (the spawner threads must stay alive until then: see the class doc).
+        booting, self._booting = list(self._booting.values()), {}
+        for future in booting:
+            future.cancel()
+        for future in booting:
+            if not future.cancelled():
+                with contextlib.suppress(Exception):  # its caller would have seen it
+                    future.result()
         with self._lock:
             workers, self._started = self._started, []
         try:
