@@ -310,8 +310,9 @@ def test_matrix_all_cells_pass(project: Path) -> None:
     proc = harness(project, *matrix_args())
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = proc.stdout
-    assert "[1/6] no_loop" in out
-    assert "[6/6] in_process" in out
+    # In process first, then each worker's cells (harness.pytest.plugin._in_worker_order).
+    assert "[1/6] in_process" in out
+    assert "[3/6] no_loop" in out and "[6/6] no_loop" in out
     assert "loop mode   prefork/redis  solo/redis" in out
     assert "in_process  pass 2 60ms    ·" in out
     assert "matrix: PASS (3 cells: 3 pass)" in out
