@@ -235,9 +235,9 @@ def _in_shard(item: pytest.Item, shard: Shard, owned: set[Pair], groups: set[Pai
     params = callspec.params if callspec is not None else {}
     if isinstance(params.get(CELL_FIXTURE), Cell):
         return True  # generated for this shard's cells only
-    pair = params.get(POOL_FIXTURE)
-    if isinstance(pair, tuple) and tuple(pair) in groups:
-        return tuple(pair) in owned
+    pair = _worker_key(item)
+    if pair in groups:
+        return pair in owned
     # No worker, or a group no cell names: spread by the stable node id (without the
     # "@group" that xdist's loadgroup may already have appended).
     return shard.owns_key(without_xdist_group(item.nodeid))
@@ -269,13 +269,12 @@ def _in_worker_order(items: list[pytest.Item]) -> None:
         while end < len(items) and getattr(items[end], "module", None) is module:
             end += 1
         block = items[start:end]
+        keys = [_worker_key(item) for item in block]
         rank: dict[tuple[str, str], int] = {("", ""): -1}
-        for item in block:
-            key = _worker_key(item)
+        for key in keys:
             if key is not None:
                 rank.setdefault(key, len(rank))
         if len(rank) > 2:  # more than one worker in the module: worth ordering
-            keys = [_worker_key(item) for item in block]
             # A test outside the matrix keeps the rank of the test before it.
             ranks, last = [], -2
             for key in keys:
@@ -504,10 +503,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if shard is not None:
         # The cells' tests were generated for this shard only; the rest follow it.
         owned, groups = _shard_groups(config.stash[harness_config_key])
-        for item in list(keep):
-            if not _in_shard(item, shard, owned, groups):
-                keep.remove(item)
-                dropped.append(item)
+        mine = [_in_shard(item, shard, owned, groups) for item in keep]
+        dropped += [item for item, ours in zip(keep, mine, strict=True) if not ours]
+        keep = [item for item, ours in zip(keep, mine, strict=True) if ours]
     if dropped:
         config.hook.pytest_deselected(items=dropped)
         items[:] = keep
