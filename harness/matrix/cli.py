@@ -18,14 +18,14 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
 import pytest
 
-from harness.core.cell import BROKERS, MATRIX_MODES, POOLS, RUNNERS, Cell
+from harness.core.cell import BROKERS, MATRIX_MODES, POOLS, RUNNERS
 from harness.core.config import ConfigError, HarnessConfig
 from harness.core.errors import UsageError
 from harness.core.pythons import PYTHON_ENV, SEARCHED, find_interpreter, parse_versions
@@ -42,6 +42,7 @@ from harness.matrix.report import (
     EXIT_OK,
     MatrixCollector,
     MatrixResult,
+    label_of,
     render_details,
     render_table,
     write_json,
@@ -838,11 +839,9 @@ def _summary_line(summary: dict[str, Any], runs: int) -> str:
 
 def _non_pass_text(item: Mapping[str, Any]) -> str:
     """``run 3  running_loop/prefork/redis  <test id>  FAILED`` and the message's first lines."""
-    if item["loop_mode"] is None:
-        label = "-"
-    else:
-        label = Cell(item["loop_mode"], item["pool"], item["broker"]).label
-    lines = [f"  run {item['run']}  {label}  {item['test'] or '-'}  {item['outcome'].upper()}"]
+    lines = [
+        f"  run {item['run']}  {label_of(item)}  {item['test'] or '-'}  {item['outcome'].upper()}"
+    ]
     message = [line for line in (item["message"] or "").splitlines() if line.strip()]
     lines.extend(f"      {line}" for line in message[:_FLAKE_MESSAGE_LINES])
     if len(message) > _FLAKE_MESSAGE_LINES:
@@ -1005,21 +1004,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     prog = "harness " + (
         args[0] if args and args[0] in ("matrix", "flake", "stress", "compose", "report") else ""
     )
-    if args and args[0] == "report":
+    # The commands that are not a matrix run: their own handler, and the error they report.
+    plain: dict[str, tuple[Callable[[argparse.Namespace], int], type[Exception], str]] = {
+        "report": (_cmd_report, MergeError, "harness report: error: "),
+        "compose": (_cmd_compose, ServicesError, "harness compose: "),
+    }
+    if args and args[0] in plain:
+        handler, error, say = plain[args[0]]
         try:
-            return _cmd_report(build_parser().parse_args(args))
+            return handler(build_parser().parse_args(args))
         except SystemExit as exc:
             return exc.code if isinstance(exc.code, int) else EXIT_ERROR
-        except MergeError as exc:
-            print(f"harness report: error: {exc}", file=sys.stderr)
-            return EXIT_ERROR
-    if args and args[0] == "compose":
-        try:
-            return _cmd_compose(build_parser().parse_args(args))
-        except SystemExit as exc:
-            return exc.code if isinstance(exc.code, int) else EXIT_ERROR
-        except ServicesError as exc:
-            print(f"harness compose: {exc}", file=sys.stderr)
+        except error as exc:
+            print(f"{say}{exc}", file=sys.stderr)
             return EXIT_ERROR
     try:
         opts = parse_options(args)

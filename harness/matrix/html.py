@@ -28,6 +28,7 @@ from harness.matrix.report import (
     MatrixResult,
     TestRecord,
     format_ms,
+    label_of,
 )
 
 __all__ = ["cell_anchor", "render_flake_html", "render_html", "write_html", "write_text"]
@@ -280,8 +281,7 @@ def render_flake_html(
         )
     items = []
     for item in non_passes:
-        mode = item.get("loop_mode")
-        where = Cell(mode, item["pool"], item["broker"]).label if mode is not None else "-"
+        where = label_of(item)
         items.append(
             f"<li>run {item['run']} <code>{_e(where)}</code> <code>{_e(item.get('test') or '-')}"
             f"</code> {_e(item['outcome'])}<pre>{_e(item.get('message') or '')}</pre></li>"

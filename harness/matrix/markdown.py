@@ -20,6 +20,7 @@ from harness.matrix.report import (
     CellSummary,
     MatrixResult,
     format_ms,
+    label_of,
 )
 
 __all__ = [
@@ -127,8 +128,7 @@ def render_flake_markdown(
     if non_passes:
         lines.append("")
     for item in non_passes:
-        mode = item.get("loop_mode")
-        where = Cell(mode, item["pool"], item["broker"]).label if mode is not None else "-"
+        where = label_of(item)
         lines.append(
             f"- ❌ run {item['run']} `{where}` `{item.get('test') or '-'}` "
             f"{item['outcome']}: {_escape(item.get('message') or '')}"

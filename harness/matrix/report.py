@@ -38,6 +38,7 @@ __all__ = [
     "failure_details",
     "failure_message",
     "format_ms",
+    "label_of",
     "machine",
     "render_details",
     "render_table",
@@ -138,6 +139,12 @@ class TestRecord:
 
 def _label(cell: Cell | None) -> str:
     return "-" if cell is None else cell.label
+
+
+def label_of(item: Mapping[str, Any]) -> str:
+    """The cell label of a JSON entry with ``loop_mode``/``pool``/``broker`` (``-``: none)."""
+    mode = item.get("loop_mode")
+    return "-" if mode is None else Cell(mode, item["pool"], item["broker"]).label
 
 
 def without_xdist_group(nodeid: str) -> str:
