@@ -6,6 +6,7 @@ from __future__ import annotations
 import ctypes
 import os
 import signal
+import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -13,7 +14,7 @@ from typing import Final
 
 from harness.services import Services
 
-__all__ = ["ROOT", "child_env", "die_with_us"]
+__all__ = ["ROOT", "child_env", "die_with_us", "run_harness"]
 
 ROOT: Final = Path(__file__).resolve().parent.parent
 
@@ -47,3 +48,17 @@ def child_env(services: Services) -> dict[str, str]:
     if services.amqp_url is not None:
         env["HARNESS_AMQP_URL"] = services.amqp_url
     return env
+
+
+def run_harness(services: Services, *args: str, timeout: float) -> subprocess.CompletedProcess[str]:
+    """``python -m harness ARGS`` from the checkout, on this session's servers, its output
+    captured; it dies with this process."""
+    return subprocess.run(
+        [sys.executable, "-m", "harness", *args],
+        cwd=ROOT,
+        env=child_env(services),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        preexec_fn=die_with_us(),
+    )

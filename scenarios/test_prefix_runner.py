@@ -14,8 +14,6 @@ passes. A harness that could not see the bug would report all green here.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any, Final
@@ -31,7 +29,7 @@ from harness.pytest.plugin import harness_config_key
 from harness.services import Services
 from harness.workers.loopmodes import LOOP_MODES
 from harness.workers.marketplace import MarketplaceServer
-from scenarios._child import ROOT, child_env, die_with_us
+from scenarios._child import ROOT, run_harness
 from scenarios.expect import DOMAIN
 
 pytestmark = pytest.mark.integration
@@ -81,7 +79,7 @@ def test_prefix_runner_fails_exactly_the_running_cells(
     report = tmp_path / "prefix.json"
     junit = tmp_path / "prefix-junit.xml"
     command = [
-        sys.executable, "-m", "harness", "matrix",
+        "matrix",
         "--no-services", "--services=external", "--runner=prefix",
         f"--loop-mode={','.join(modes)}", f"--pool={','.join(pools)}",
         f"--broker={','.join(brokers)}", "-n", "0", "-k", "test_success", f"--report={report}",
@@ -91,15 +89,7 @@ def test_prefix_runner_fails_exactly_the_running_cells(
         f"--junit={junit}",
         "--", "-p", "no:schemathesis", "-p", "no:hypothesispytest", "-p", "no:anyio",
     ]  # fmt: skip
-    child = subprocess.run(
-        command,
-        cwd=ROOT,
-        env=child_env(services),
-        capture_output=True,
-        text=True,
-        timeout=CHILD_TIMEOUT_S,
-        preexec_fn=die_with_us(),
-    )
+    child = run_harness(services, *command, timeout=CHILD_TIMEOUT_S)
     output = f"exit code {child.returncode}\n--- stdout\n{child.stdout}\n--- stderr\n{child.stderr}"
     assert report.exists(), f"`harness matrix` wrote no report:\n{output}"
     document = json.loads(report.read_text(encoding="utf-8"))

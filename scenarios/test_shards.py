@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any, Final
 
 import pytest
 
 from harness.services import Services
-from scenarios._child import ROOT, child_env, die_with_us
+from scenarios._child import run_harness
 
 pytestmark = pytest.mark.integration
 
@@ -26,15 +25,7 @@ SELECTION: Final = ("--loop-mode=all", "--pool=all", "--broker=redis,amqp")
 
 
 def _harness(services: Services, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "harness", *args],
-        cwd=ROOT,
-        env=child_env(services),
-        capture_output=True,
-        text=True,
-        timeout=CHILD_TIMEOUT_S,
-        preexec_fn=die_with_us(),
-    )
+    return run_harness(services, *args, timeout=CHILD_TIMEOUT_S)
 
 
 def _matrix(services: Services, report: Path, *extra: str) -> dict[str, Any]:

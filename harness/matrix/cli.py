@@ -31,7 +31,7 @@ from harness.core.errors import UsageError
 from harness.core.pythons import PYTHON_ENV, SEARCHED, find_interpreter, parse_versions
 from harness.core.shard import SHARD_ENV
 from harness.matrix.facts import served_by, versions
-from harness.matrix.html import render_flake_html, write_text
+from harness.matrix.html import render_flake_html
 from harness.matrix.junit import write_junit
 from harness.matrix.markdown import STEP_SUMMARY_ENV, publish_text, render_flake_markdown
 from harness.matrix.merge import MergeError, find_reports, merge
@@ -45,6 +45,8 @@ from harness.matrix.report import (
     label_of,
     render_details,
     render_table,
+    verdict_word,
+    write_atomic,
     write_json,
 )
 from harness.services import DockerImages, Services, ServicesError, ServiceStack
@@ -326,6 +328,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _print_result(result: MatrixResult) -> None:
+    """The table, then whatever did not pass in full."""
+    print()
+    print(render_table(result))
+    details = render_details(result)
+    if details:
+        print()
+        print(details)
+
+
 def _cmd_report(ns: argparse.Namespace) -> int:
     """``harness report merge``: one report from the shards' reports."""
     paths = find_reports(ns.inputs)
@@ -339,12 +351,7 @@ def _cmd_report(ns: argparse.Namespace) -> int:
     result = merged.result
     for index, path in sorted(merged.sources.items()):
         print(f"shard {index}/{result.shards[0]['total'] if result.shards else 1}: {path}")
-    print()
-    print(render_table(result))
-    details = render_details(result)
-    if details:
-        print()
-        print(details)
+    _print_result(result)
     print()
     print(merged.balance_line())
     print(publish(result, ns.report, junit=ns.junit, title="ingest-harness matrix (merged)").line())
@@ -637,7 +644,7 @@ def _verdict(result: MatrixResult) -> str:
         for status in ("pass", "fail", "skipped", "interrupted", "not_run")
     }
     detail = ", ".join(f"{n} {status}" for status, n in counts.items() if n)
-    word = {EXIT_OK: "PASS", EXIT_NOT_PASSED: "FAIL", EXIT_ERROR: "ERROR"}[result.exit_code]
+    word = verdict_word(result.exit_code)
     return f"matrix: {word} ({_cells_text(len(cells))}: {detail or 'none'})"
 
 
@@ -676,12 +683,7 @@ def run_matrix(opts: Options, services: Services | None) -> MatrixResult:
         versions=versions(services),
         wall_s=time.monotonic() - opts.started,
     )
-    print()
-    print(render_table(result))
-    details = render_details(result)
-    if details:
-        print()
-        print(details)
+    _print_result(result)
     python = os.environ.get(PYTHON_ENV)
     paths = publish(
         result,
@@ -978,9 +980,9 @@ def _flake_runs(opts: Options) -> int:
         render_flake_markdown(opts.command, opts.runs, summaries, non_passes, exit_code),
         markdown,
     )
-    verdict = "PASS" if exit_code == EXIT_OK else "FAIL"
+    verdict = verdict_word(exit_code)  # 0, 1 or 130 (interrupted): PASS or FAIL
     page = opts.report.with_suffix(".html")
-    write_text(
+    write_atomic(
         page,
         render_flake_html(
             opts.command, opts.runs, summaries, non_passes, verdict, base=page.parent

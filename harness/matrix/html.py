@@ -21,7 +21,6 @@ from typing import Any, Final
 
 from harness.core.cell import Cell
 from harness.matrix.report import (
-    EXIT_ERROR,
     EXIT_OK,
     VERSION_KEYS,
     CellSummary,
@@ -29,9 +28,11 @@ from harness.matrix.report import (
     TestRecord,
     format_ms,
     label_of,
+    verdict_word,
+    write_atomic,
 )
 
-__all__ = ["cell_anchor", "render_flake_html", "render_html", "write_html", "write_text"]
+__all__ = ["cell_anchor", "render_flake_html", "render_html", "write_html"]
 
 _STATUS_TEXT: Final = {
     "pass": "pass",
@@ -209,7 +210,7 @@ def render_html(result: MatrixResult, *, title: str = "ingest-harness matrix") -
     for record in result.records:
         if record.cell in by_cell:
             by_cell[record.cell].append(record)
-    verdict = {EXIT_OK: "PASS", EXIT_ERROR: "ERROR"}.get(result.exit_code, "FAIL")
+    verdict = verdict_word(result.exit_code)
     sections = [
         _section(cell_anchor(cell), f"{cell.label}: {_STATUS_TEXT[summaries[cell].status]}",
                  records, summaries[cell].skip_reason or "")
@@ -246,15 +247,7 @@ def render_html(result: MatrixResult, *, title: str = "ingest-harness matrix") -
 
 
 def write_html(path: Path, result: MatrixResult, *, title: str = "ingest-harness matrix") -> None:
-    write_text(path, render_html(result, title=title))
-
-
-def write_text(path: Path, text: str) -> None:
-    """Write atomically: a CI step that reads the page never sees half of it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
+    write_atomic(path, render_html(result, title=title))
 
 
 def render_flake_html(

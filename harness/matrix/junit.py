@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Final
 
 from harness.core.cell import NO_WORKER
-from harness.matrix.report import VERSION_KEYS, MatrixResult, TestRecord
+from harness.matrix.report import VERSION_KEYS, MatrixResult, TestRecord, write_atomic
 
 __all__ = ["render_junit", "write_junit"]
 
@@ -150,8 +150,4 @@ def render_junit(suites: Sequence[tuple[str, MatrixResult]]) -> bytes:
 
 
 def write_junit(path: Path, suites: Sequence[tuple[str, MatrixResult]]) -> None:
-    """Write atomically, as the JSON report is."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(render_junit(suites))
-    tmp.replace(path)
+    write_atomic(path, render_junit(suites))

@@ -15,12 +15,13 @@ from typing import Any, Final
 
 from harness.core.cell import Cell
 from harness.matrix.report import (
-    EXIT_ERROR,
     EXIT_OK,
     CellSummary,
     MatrixResult,
     format_ms,
     label_of,
+    verdict_word,
+    write_atomic,
 )
 
 __all__ = [
@@ -65,7 +66,7 @@ def _cell(summary: CellSummary) -> str:
 def render_markdown(result: MatrixResult, *, title: str = "ingest-harness matrix") -> str:
     """The grid (loop modes by pool x broker) with status marks, then one line per problem."""
     cells = result.cells()
-    verdict = {EXIT_OK: "PASS", EXIT_ERROR: "ERROR"}.get(result.exit_code, "FAIL")
+    verdict = verdict_word(result.exit_code)
     counts = ", ".join(
         f"{n} {status.replace('_', ' ')}"
         for status in _MARKS
@@ -110,7 +111,7 @@ def render_flake_markdown(
     exit_code: int,
 ) -> str:
     """``harness flake`` / ``stress``: a line per run, then one line per non-pass."""
-    verdict = {EXIT_OK: "PASS", EXIT_ERROR: "ERROR"}.get(exit_code, "FAIL")
+    verdict = verdict_word(exit_code)
     lines = [
         f"## ingest-harness {command}: {verdict}",
         "",
@@ -149,10 +150,7 @@ def publish_markdown(
 
 def publish_text(text: str, path: Path, *, env: Mapping[str, str] | None = None) -> Path | None:
     """Write ``text`` to ``path``; append it to ``$GITHUB_STEP_SUMMARY`` if set (returned)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
+    write_atomic(path, text)
     summary = (os.environ if env is None else env).get(STEP_SUMMARY_ENV, "").strip()
     if not summary:
         return None

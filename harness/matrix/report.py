@@ -44,7 +44,9 @@ __all__ = [
     "render_table",
     "summarize_cell",
     "to_json",
+    "verdict_word",
     "without_xdist_group",
+    "write_atomic",
     "write_json",
 ]
 
@@ -467,6 +469,11 @@ EXIT_NOT_PASSED: Final = 1
 EXIT_ERROR: Final = 2
 
 
+def verdict_word(exit_code: int) -> str:
+    """``PASS`` (0), ``ERROR`` (2: it could not run properly), else ``FAIL``."""
+    return {EXIT_OK: "PASS", EXIT_ERROR: "ERROR"}.get(exit_code, "FAIL")
+
+
 @dataclass
 class MatrixResult:
     """Every test record of one matrix run against the cells that were selected."""
@@ -731,8 +738,15 @@ def to_json(result: MatrixResult) -> dict[str, Any]:
 
 
 def write_json(path: Path, document: Mapping[str, Any]) -> None:
-    """Write atomically, so a reader (CI, a flake loop) never sees half a report."""
+    write_atomic(path, json.dumps(document, indent=2, sort_keys=False) + "\n")
+
+
+def write_atomic(path: Path, data: str | bytes) -> None:
+    """Write a report atomically, so a reader (CI, a flake loop) never sees half of it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(document, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+    if isinstance(data, bytes):
+        tmp.write_bytes(data)
+    else:
+        tmp.write_text(data, encoding="utf-8")
     tmp.replace(path)
