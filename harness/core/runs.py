@@ -6,9 +6,10 @@ the worker committed.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator, Mapping, Sequence
 from types import MappingProxyType
-from typing import Any
+from typing import Any, Final
 
 from sqlalchemy import Engine, create_engine, text
 
@@ -17,10 +18,24 @@ from harness.core.poll import poll_until
 from harness.core.target import RunTable, Target, default_target
 
 __all__ = [
+    "RESET_LOCK_KEY",
     "RunNotTerminalError",
     "RunRow",
     "RunStore",
+    "reset_tables",
 ]
+
+# A Postgres advisory lock (per database): runs that must not lose their row to a reset hold it
+# shared (:meth:`RunStore.no_reset`), a reset takes it exclusively (:func:`reset_tables`).
+RESET_LOCK_KEY: Final = 0x1A5E_7AB1
+
+
+def reset_tables(engine: Engine, tables: Sequence[str]) -> None:
+    """Empty ``tables`` and restart their ids, once no run that holds off resets is in flight
+    (the farm's warm-up runs go on while the first tests run, on the same database)."""
+    with engine.begin() as conn:
+        conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": RESET_LOCK_KEY})
+        conn.execute(text(f"TRUNCATE {', '.join(tables)} RESTART IDENTITY"))
 
 
 class RunRow(Mapping[str, Any]):
@@ -106,6 +121,21 @@ class RunStore:
 
     def __exit__(self, *_: object) -> None:
         self.close()
+
+    @contextlib.contextmanager
+    def no_reset(self) -> Iterator[None]:
+        """While inside, :func:`reset_tables` on this database waits: for runs that go on
+        beside the tests (a worker's warm-up) and must keep their rows and ids."""
+        with self._engine.connect() as conn:
+            conn.execute(text("SELECT pg_advisory_lock_shared(:key)"), {"key": RESET_LOCK_KEY})
+            conn.commit()
+            try:
+                yield
+            finally:
+                conn.execute(
+                    text("SELECT pg_advisory_unlock_shared(:key)"), {"key": RESET_LOCK_KEY}
+                )
+                conn.commit()
 
     def create(self, **values: object) -> int:
         """Insert a run as the app does (``RunTable.insert`` for what is not given); its id."""

@@ -22,10 +22,11 @@ from pathlib import Path
 from typing import Any, cast
 
 import pytest
-from sqlalchemy import create_engine, text
+from sqlalchemy import create_engine
 
 from harness.core.cell import CELL_PROPERTY, Cell
 from harness.core.errors import UsageError
+from harness.core.runs import reset_tables
 from harness.core.target import Target, default_target, default_target_spec, load_target
 from harness.pytest import reports
 from harness.pytest.stash import harness_config_key
@@ -77,10 +78,7 @@ def clean_db(database_url: str, harness_target: Target) -> str:
     restarted, before the test."""
     engine = create_engine(database_url)
     try:
-        with engine.begin() as conn:
-            conn.execute(
-                text(f"TRUNCATE {', '.join(harness_target.reset_tables)} RESTART IDENTITY")
-            )
+        reset_tables(engine, harness_target.reset_tables)
     finally:
         engine.dispose()
     return database_url

@@ -316,20 +316,26 @@ class WorkerFarm:
         use project 0 and marketplace codes of their own (one per worker and run: workers
         warm up side by side, and a code may have one active run at a time); a warm-up
         that does not succeed is only logged (the scenarios then show what is wrong).
+
+        The runs hold off the tests' table resets (``RunStore.no_reset``) until they end: a
+        test that empties the table meanwhile would delete a warm-up's row under it, and
+        restart the ids that the warm-up's row still holds.
         """
         started = time.monotonic()
-        runs = WorkerRuns(worker, self._warm_up_store())
+        store = self._warm_up_store()
+        runs = WorkerRuns(worker, store)
         slots = worker.concurrency if worker.pool == "prefork" else 1
-        sent = [
-            runs.send(
-                "no_loop",
-                marketplace_code=f"{WARMUP_CODE_PREFIX}{worker.queue}-{i}",
-                project_id=WARMUP_PROJECT_ID,
-            )
-            for i in range(slots)
-        ]
-        for one in sent:
-            done = runs.wait(one)
+        with store.no_reset():
+            sent = [
+                runs.send(
+                    "no_loop",
+                    marketplace_code=f"{WARMUP_CODE_PREFIX}{worker.queue}-{i}",
+                    project_id=WARMUP_PROJECT_ID,
+                )
+                for i in range(slots)
+            ]
+            done_runs = [runs.wait(one) for one in sent]
+        for done in done_runs:
             if done.row.status != "success":
                 logger.warning(
                     "farm: warm-up run %d on %s ended %s: %s",
