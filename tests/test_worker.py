@@ -10,8 +10,9 @@ import logging
 import signal
 import socket
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -37,6 +38,7 @@ from harness.core.logs import (
 )
 from harness.core.runs import RunRow, RunStore
 from harness.pytest.deadline import hang_report
+from harness.workers.forkserver import ForkServer, fork_server_settings
 from harness.workers.jobfaults import JOB_FAULT_HEADER
 from harness.workers.loopmodes import LOOP_MODES, LoopModeError, expected_runner_line
 from harness.workers.marketplace import MarketplaceServer
@@ -70,6 +72,35 @@ def log_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def solo_worker(worker_env: dict[str, str], log_dir: Path) -> Iterator[CeleryWorkerProcess]:
     with CeleryWorkerProcess(env=worker_env, log_dir=log_dir) as worker:
         yield worker
+
+
+@pytest.fixture(scope="module")
+def module_fork_server() -> Iterator[ForkServer]:
+    server = ForkServer(**fork_server_settings()).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["exec", "fork"])
+def make_worker(
+    request: pytest.FixtureRequest, worker_env: dict[str, str], log_dir: Path
+) -> Iterator[Callable[..., CeleryWorkerProcess]]:
+    """``CeleryWorkerProcess(env=worker_env, log_dir=log_dir, **kwargs)``, exec'ed or forked
+    from a fork server (the farm's way): the process guarantees hold either way."""
+    how: str = request.param
+    server = request.getfixturevalue("module_fork_server") if how == "fork" else None
+    made: list[CeleryWorkerProcess] = []
+
+    def make(**kwargs: Any) -> CeleryWorkerProcess:
+        worker = CeleryWorkerProcess(env=worker_env, log_dir=log_dir, fork_server=server, **kwargs)
+        made.append(worker)
+        return worker
+
+    yield make
+    for worker in made:
+        worker.kill()
+    started = [w.started_by for w in made if w.started_by is not None]
+    assert started and set(started) == {how}, f"workers were started by {started}, not {how}"
 
 
 @pytest.fixture
@@ -323,11 +354,14 @@ def test_a_failing_run_is_finished_and_logged(
 
 @integration
 def test_an_idle_worker_is_killed_at_once_and_a_busy_one_is_stopped_warm(
-    worker_env: dict[str, str], log_dir: Path, runs: RunStore, marketplace_code: str
+    make_worker: Callable[..., CeleryWorkerProcess],
+    worker_env: dict[str, str],
+    runs: RunStore,
+    marketplace_code: str,
 ) -> None:
     """``stop(kill_if_idle=True)``, the farm's: no warm shutdown's waits for a worker with
     nothing to do, but one holding a task (here one scheduled for later) is stopped warm."""
-    idle = CeleryWorkerProcess(env=worker_env, log_dir=log_dir, pool="prefork").start()
+    idle = make_worker(pool="prefork").start()
     pids = idle.group_pids()
     assert idle.idle()
     idle.stop(kill_if_idle=True)
@@ -335,7 +369,7 @@ def test_an_idle_worker_is_killed_at_once_and_a_busy_one_is_stopped_warm(
     assert wait_gone(pids) == []
     assert broker_keys(worker_env["APP_BROKER_URL"], idle.queue) == []  # its queue is deleted
 
-    busy = CeleryWorkerProcess(env=worker_env, log_dir=log_dir, pool="solo").start()
+    busy = make_worker(pool="solo").start()
     try:
         run_id = runs.create(project_id=1, marketplace_code=marketplace_code)
         busy.send(run_id, loop_mode="no_loop", countdown=60)
@@ -452,8 +486,7 @@ def test_the_pre_fix_runner_fails_every_running_mode(
 @integration
 @pytest.mark.parametrize("pool", ["solo", "threads", "prefork"])
 def test_each_pool_starts_runs_every_mode_and_stops(
-    worker_env: dict[str, str],
-    log_dir: Path,
+    make_worker: Callable[..., CeleryWorkerProcess],
     runs: RunStore,
     marketplace: MarketplaceServer,
     marketplace_code: str,
@@ -461,7 +494,7 @@ def test_each_pool_starts_runs_every_mode_and_stops(
     pool: str,
 ) -> None:
     modes = dict(enumerate([m for m in LOOP_MODES if mode_applies(m, pool)], start=1))
-    worker = CeleryWorkerProcess(env=worker_env, log_dir=log_dir, pool=pool, concurrency=2)
+    worker = make_worker(pool=pool, concurrency=2)
     with worker:
         results = run_in_worker(worker, runs, modes, marketplace_code=marketplace_code)
         pids = worker.group_pids()
@@ -483,9 +516,9 @@ def test_each_pool_starts_runs_every_mode_and_stops(
 
 @integration
 def test_stop_leaves_no_process_of_a_prefork_worker(
-    worker_env: dict[str, str], log_dir: Path
+    make_worker: Callable[..., CeleryWorkerProcess], worker_env: dict[str, str]
 ) -> None:
-    worker = CeleryWorkerProcess(env=worker_env, log_dir=log_dir, pool="prefork", concurrency=2)
+    worker = make_worker(pool="prefork", concurrency=2)
     worker.start()
     children = [child.pid for child in psutil.Process(worker.pid).children(recursive=True)]
     assert len(children) == 2
@@ -501,8 +534,10 @@ def test_stop_leaves_no_process_of_a_prefork_worker(
 
 
 @integration
-def test_kill_sigkills_the_whole_group(worker_env: dict[str, str], log_dir: Path) -> None:
-    worker = CeleryWorkerProcess(env=worker_env, log_dir=log_dir, pool="prefork", concurrency=2)
+def test_kill_sigkills_the_whole_group(
+    make_worker: Callable[..., CeleryWorkerProcess], worker_env: dict[str, str]
+) -> None:
+    worker = make_worker(pool="prefork", concurrency=2)
     worker.start()
     pids = worker.group_pids()
     assert len(pids) == 3
@@ -517,9 +552,9 @@ def test_kill_sigkills_the_whole_group(worker_env: dict[str, str], log_dir: Path
 
 @integration
 def test_prefork_children_die_with_the_main_worker(
-    worker_env: dict[str, str], log_dir: Path
+    make_worker: Callable[..., CeleryWorkerProcess], worker_env: dict[str, str]
 ) -> None:
-    worker = CeleryWorkerProcess(env=worker_env, log_dir=log_dir, pool="prefork", concurrency=2)
+    worker = make_worker(pool="prefork", concurrency=2)
     with worker:
         children = [child.pid for child in psutil.Process(worker.pid).children()]
         assert len(children) == 2
@@ -533,10 +568,10 @@ def test_prefork_children_die_with_the_main_worker(
 
 @integration
 def test_stop_kills_a_worker_that_misses_the_deadline(
-    worker_env: dict[str, str], log_dir: Path, caplog: pytest.LogCaptureFixture
+    make_worker: Callable[..., CeleryWorkerProcess], caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.WARNING, "harness.worker")
-    worker = CeleryWorkerProcess(env=worker_env, log_dir=log_dir)
+    worker = make_worker()
     worker.start()
     worker.kill(signal.SIGSTOP, group=False)  # frozen: SIGTERM stays pending
 
@@ -551,9 +586,9 @@ def test_stop_kills_a_worker_that_misses_the_deadline(
 
 @integration
 def test_an_app_that_cannot_be_imported_fails_the_start(
-    worker_env: dict[str, str], log_dir: Path
+    make_worker: Callable[..., CeleryWorkerProcess], worker_env: dict[str, str]
 ) -> None:
-    worker = CeleryWorkerProcess(env=worker_env, log_dir=log_dir, app="harness.no_such_module")
+    worker = make_worker(app="harness.no_such_module")
 
     with pytest.raises(WorkerStartError) as caught:
         worker.start()

@@ -95,6 +95,9 @@ def _runner_error(value: str) -> str:
     )
 
 
+FORK_SERVER_VALUES: Final = ("on", "off")
+
+
 @dataclass(frozen=True)
 class HarnessConfig:
     """Everything the harness needs to know about a session, decided in one place."""
@@ -111,6 +114,8 @@ class HarnessConfig:
     env: Mapping[str, str] = field(default_factory=lambda: dict(os.environ), repr=False)
     # --shard K/N: this session runs shard K's cells only (harness.core.shard).
     shard: Shard | None = None
+    # --fork-server on|off: the farm forks its workers from a fork server (off: exec each).
+    fork_server: bool = True
 
     def __post_init__(self) -> None:
         if self.services not in SERVICE_MODES:
@@ -171,6 +176,13 @@ class HarnessConfig:
         loop_modes = pick("loop_mode")
         pools = pick("pool")
         brokers = pick("broker")
+        fork_server = pick("fork_server") or "on"
+        if fork_server not in FORK_SERVER_VALUES:
+            raise ConfigError(
+                f"{sources['fork_server']}: unknown value {fork_server!r}; choose from "
+                f"{', '.join(FORK_SERVER_VALUES)} (on: fork the workers of the solo, threads and "
+                "prefork pools from a process that has imported Celery; off: exec each worker)"
+            )
         shard_value = pick("shard")
         shard_option = sources.get("shard", "--shard")
         try:
@@ -202,6 +214,7 @@ class HarnessConfig:
             redis_image=images["redis_image"],
             env=environ,
             shard=shard,
+            fork_server=fork_server == "on",
         )
         if shard is not None:
             try:

@@ -195,6 +195,11 @@ class Target:
     # The tables a run writes its data to, each with its business key: after any fault, no key
     # may be stored twice (harness.checks.faults.assert_fault_invariants).
     data_keys: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    # Modules the app's worker imports that are safe to import before the app's settings exist
+    # (its libraries: an ORM, a settings library, an HTTP client, a database driver): the
+    # harness's fork server imports them once, and every worker it forks has them already
+    # (harness.workers.forkserver). Never the app's own modules: they may read settings.
+    worker_preload: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.reset_tables:
@@ -210,6 +215,9 @@ class Target:
             value = getattr(self, name)
             if value is not None and not value.startswith(self.env_prefix):
                 raise TargetError(f"Target {self.name}: {name} must start with {self.env_prefix}")
+        bad = [m for m in self.worker_preload if not re.fullmatch(r"[A-Za-z_][\w.]*", m)]
+        if bad:
+            raise TargetError(f"Target {self.name}: worker_preload {bad} are not module names")
         object.__setattr__(self, "worker_env", MappingProxyType(dict(self.worker_env)))
         object.__setattr__(self, "data_keys", MappingProxyType(dict(self.data_keys)))
 

@@ -60,6 +60,7 @@ from harness.services._compose import (
     project_name,
     require_engine,
 )
+from harness.workers.forkserver import prestart_fork_server
 
 __all__ = ["build_parser", "main"]
 
@@ -175,6 +176,13 @@ def _add_common(
         + "|".join(RUNNERS)
         + " (default: fixed; prefix injects the pre-fix plain asyncio.run(), so the running_* "
         "cells must fail: the harness proving it detects the runbook's bug)",
+    )
+    run.add_argument(
+        "--fork-server",
+        metavar="on|off",
+        help="on (the default): fork the solo, threads and prefork workers from a process that "
+        "has imported Celery and the Target's worker_preload, started before pytest; off: "
+        "exec each worker",
     )
     run.add_argument(
         "--python",
@@ -451,6 +459,7 @@ def parse_options(argv: Sequence[str]) -> Options:
         "runner": ns.runner,
         "postgres_image": ns.postgres_image,
         "redis_image": ns.redis_image,
+        "fork_server": ns.fork_server,
     }
     try:
         # The same precedence as the pytest plugin (option > ini > HARNESS_* env); the plugin
@@ -577,6 +586,7 @@ def pytest_arguments(opts: Options, *, services_started: bool) -> list[str]:
         f"--pool={','.join(config.pools)}",
         f"--broker={','.join(config.brokers)}",
         f"--runner={config.runner}",
+        f"--fork-server={'on' if config.fork_server else 'off'}",
     ]
     if config.shard is not None:
         args.append(f"--shard={config.shard}")
@@ -698,6 +708,11 @@ def run_matrix(opts: Options, services: Services | None) -> MatrixResult:
 
 
 def _cmd_matrix(opts: Options) -> int:
+    if opts.config.fork_server and opts.numprocesses == "0" and not opts.pythons:
+        # pytest runs in this process: its workers' fork server imports while the services
+        # start and pytest collects (the session's farm takes it).
+        with contextlib.suppress(UsageError, OSError):  # the session reports it, if it recurs
+            prestart_fork_server()
     with _services(opts) as services:
         if not opts.pythons:
             return run_matrix(opts, services).exit_code
@@ -750,6 +765,7 @@ def _child_argv(opts: Options, report: Path, *, services_started: bool) -> list[
         f"--pool={','.join(config.pools)}",
         f"--broker={','.join(config.brokers)}",
         f"--runner={config.runner}",
+        f"--fork-server={'on' if config.fork_server else 'off'}",
         *([f"--shard={config.shard}"] if config.shard is not None else []),
         f"--numprocesses={opts.numprocesses}",
         f"--scenarios={opts.scenarios}",

@@ -9,6 +9,7 @@ test's phase reports in ``item.stash`` so fixtures can attach evidence to a fail
 from __future__ import annotations
 
 import atexit
+import contextlib
 import gc
 import os
 import signal
@@ -43,6 +44,7 @@ from harness.pytest.stash import (
     phase_failed,
     phase_reports_key,
 )
+from harness.workers.forkserver import prestart_fork_server
 
 __all__ = [
     "CELL_FIXTURE",
@@ -114,6 +116,12 @@ _OPTIONS: Final = (
         "the run_async_safe the workers use: "
         + "|".join(RUNNERS)
         + " (prefix: the pre-fix plain asyncio.run(); the running_* cells must then fail)",
+    ),
+    (
+        "fork_server",
+        "--fork-server",
+        "on|off: fork the solo, threads and prefork workers from a process that has imported "
+        "Celery and the Target's worker_preload (default: on); off: exec each worker",
     ),
 )
 
@@ -515,6 +523,19 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         for item in items:
             if _runs_a_worker(item):
                 item.add_marker(pytest.mark.skip(reason=reason))
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Start the workers' fork server as soon as the session is known to need workers: its
+    imports then overlap the services' start (``harness.workers.forkserver``)."""
+    config = session.config.stash.get(harness_config_key, None)
+    if config is None or not config.fork_server:
+        return
+    if session.config.stash.get(_PYTHON_SKIP, None) is not None:
+        return
+    if any(_runs_a_worker(item) for item in session.items):
+        with contextlib.suppress(UsageError, OSError):  # the farm reports it, if it recurs
+            prestart_fork_server()
 
 
 # -- failure evidence (harness.pytest.stash) -----------------------------------------------

@@ -42,6 +42,7 @@ from harness.core.logs import (
 )
 from harness.core.runs import RunNotTerminalError, RunRow, RunStore
 from harness.services import Services, mask_dsn
+from harness.workers.forkserver import ForkServer
 from harness.workers.jobfaults import JOB_FAULT_HEADER, JobFault, parse_job_fault
 from harness.workers.loopmodes import HEADER_SOURCE
 from harness.workers.process import CeleryWorkerProcess, app_env, mask_secrets
@@ -154,6 +155,7 @@ class WorkerFarm:
         log_dir: Path,
         runner: str = "fixed",
         warm_up: bool = True,
+        fork_server: ForkServer | None = None,
     ) -> None:
         if runner not in RUNNERS:
             raise ValueError(f"runner must be one of {', '.join(RUNNERS)}, got {runner!r}")
@@ -163,6 +165,9 @@ class WorkerFarm:
         self.log_dir = log_dir
         self.runner = runner
         self.warm_up = warm_up
+        # The farm's workers of the solo, threads and prefork pools are forked from it; the
+        # farm stops it in stop_all(), after them.
+        self.fork_server = fork_server
         self.deaths: list[WorkerDeath] = []
         self._workers: dict[tuple[str, str], CeleryWorkerProcess] = {}
         # Workers prestart() began and no worker() call has taken yet.
@@ -286,6 +291,7 @@ class WorkerFarm:
             pool=pool,
             concurrency=CONCURRENCY[pool],
             extra_env={"HARNESS_RUNNER": self.runner},
+            fork_server=self.fork_server,
         )
         worker.start()
         with self._lock:
@@ -388,6 +394,10 @@ class WorkerFarm:
             store, self._store = self._store, None
             if store is not None:
                 store.close()
+            # Last: a forked worker dies with its server, so a failed stop leaves nothing.
+            server, self.fork_server = self.fork_server, None
+            if server is not None:
+                server.stop()
 
     def _stop_many(self, workers: list[CeleryWorkerProcess]) -> None:
         if not workers:

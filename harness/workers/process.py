@@ -28,7 +28,7 @@ import time
 import uuid
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Final, Self
+from typing import Any, Final, Protocol, Self
 
 import kombu.entity
 import psutil
@@ -40,6 +40,13 @@ from harness.core.errors import SetupError
 from harness.core.logs import LogLine, read_log_file, trace_lines
 from harness.core.pythons import WORKER_PYTHON_ENV
 from harness.core.target import TARGET_ENV, default_target, default_target_spec, load_target
+from harness.workers.forkserver import (
+    FORK_SERVER_ENV,
+    ForkedChild,
+    ForkServer,
+    ForkServerError,
+    worker_environment,
+)
 from harness.workers.loopmodes import LOOP_MODE_HEADER, POOL_ENV, LoopMode, parse_loop_mode
 from harness.workers.stackdump import STACKS_FILE_ENV, take_stacks
 
@@ -54,9 +61,6 @@ logger = logging.getLogger("harness.worker")
 
 LOG_TAIL_LINES: Final = 30
 _PR_SET_PDEATHSIG: Final = 1
-# The worker gets only the app settings it is given: ours must not leak into it (and neither
-# must the Target's own prefix).
-_DROPPED_ENV_PREFIXES: Final = ("HARNESS_", "CELERY_")
 _URL_PASSWORD_RE: Final = re.compile(r"(://[^\s:/@]*):[^\s@]*@")
 _EXIT_POLL_S: Final = 0.005
 # A ready worker answers a ping within a few ms; short pings find it soon after it is up.
@@ -106,6 +110,50 @@ def _safe_file_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
 
 
+class _Child(Protocol):
+    """The worker's main process as this module handles it: a ``Popen`` child of ours, or a
+    child the fork server forked (:class:`~harness.workers.forkserver.ForkedChild`)."""
+
+    pid: int
+
+    @property
+    def returncode(self) -> int | None:
+        """Set once reaped: from then on its pid is not ours to signal."""
+
+    def peek(self) -> int | None: ...
+
+    def wait(self, timeout: float | None = None) -> int: ...
+
+
+class _PopenChild:
+    """A ``Popen`` child as a :class:`_Child`."""
+
+    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
+        self.proc = proc
+        self.pid = proc.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self.proc.returncode
+
+    def peek(self) -> int | None:
+        # Never reaps (WNOWAIT): while the exited main process is a zombie its pid, and so the
+        # process group id, cannot be reused, so killpg() cannot hit a stranger's group.
+        proc = self.proc
+        if proc.returncode is not None:
+            return proc.returncode
+        try:
+            info = os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except ChildProcessError:
+            return proc.poll()
+        if info is None or info.si_pid == 0:
+            return None
+        return info.si_status if info.si_code == os.CLD_EXITED else -info.si_status
+
+    def wait(self, timeout: float | None = None) -> int:
+        return self.proc.wait(timeout=timeout)
+
+
 class WorkerStartError(SetupError):
     """The worker did not become ready: the message has the command, exit code and log tail."""
 
@@ -148,6 +196,7 @@ class CeleryWorkerProcess(StartStop):
         app: str = "harness.workers.worker_app",
         start_timeout: float = 20.0,
         target: str | None = None,
+        fork_server: ForkServer | None = None,
     ) -> None:
         self.target_spec = target or default_target_spec()
         self.target = load_target(self.target_spec)
@@ -186,7 +235,7 @@ class CeleryWorkerProcess(StartStop):
         ]  # fmt: skip
         # Where the worker writes its threads' stacks when asked (harness.workers.stackdump).
         self.stacks_path = self.log_path.with_suffix(".stacks")
-        self.env = self._environment(
+        self.env = worker_environment(
             env,
             {
                 TARGET_ENV: self.target_spec,
@@ -194,16 +243,19 @@ class CeleryWorkerProcess(StartStop):
                 STACKS_FILE_ENV: str(self.stacks_path),
                 **(extra_env or {}),
             },
-            drop=(*_DROPPED_ENV_PREFIXES, self.target.env_prefix),
+            drop=self.target.env_prefix,
         )
         # The worker imports the Target, its app and its runner from where this process did (a
         # checkout is not an installed package): also the job modules it imports on first run.
         path = self.target.pythonpath(self.target_spec, self.env.get("PYTHONPATH"))
         if path:
             self.env["PYTHONPATH"] = path
+        self.fork_server = fork_server
+        # How it was started: "exec" (a new interpreter) or "fork" (from the fork server).
+        self.started_by: str | None = None
         self.start_s: float | None = None
         self.stop_s: float | None = None
-        self._proc: subprocess.Popen[bytes] | None = None
+        self._proc: _Child | None = None
         self._client: Celery | None = None
         self._log_offset = 0
         self._finished = False
@@ -212,16 +264,6 @@ class CeleryWorkerProcess(StartStop):
     def __repr__(self) -> str:
         state = "not started" if self._proc is None else f"pid {self._proc.pid}"
         return f"<CeleryWorkerProcess {self.node_name} pool={self.pool} {state}>"
-
-    @staticmethod
-    def _environment(
-        env: Mapping[str, str], extra: Mapping[str, str] | None, *, drop: tuple[str, ...]
-    ) -> dict[str, str]:
-        merged = {key: value for key, value in os.environ.items() if not key.startswith(drop)}
-        merged["PYTHONUNBUFFERED"] = "1"
-        merged.update(env)
-        merged.update(extra or {})
-        return merged
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -233,18 +275,7 @@ class CeleryWorkerProcess(StartStop):
         # Append, and read from here on: a reused node name must not lose an earlier log.
         self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         started = time.monotonic()
-        with self.log_path.open("ab") as out:
-            # stdout/stderr go to the log too: an import error is printed before Celery's
-            # logging (and its --logfile) exists.
-            self._proc = subprocess.Popen(
-                self.command,
-                env=self.env,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                preexec_fn=self._child_setup(),
-            )
+        self._proc = self._forked() or self._spawned()
         try:
             self._client = self._make_client()
             self._wait_ready(started)
@@ -258,6 +289,38 @@ class CeleryWorkerProcess(StartStop):
         )
         logger.info("worker %s ready in %.3f s (pid %d)", self.node_name, self.start_s, self.pid)
         return self
+
+    def _forked(self) -> ForkedChild | None:
+        """The worker forked from the fork server, if it has one that can fork this pool."""
+        server = self.fork_server
+        if server is None or not server.can_fork(python=self.command[0], pool=self.pool):
+            return None
+        try:
+            # argv as after "python -m"; stdout/stderr to the log, as _spawned() does.
+            child = server.spawn(
+                self.command[2:], env=self.env, cwd=os.getcwd(), log_path=self.log_path
+            )
+        except ForkServerError as exc:
+            logger.warning("worker %s: %s; starting it with exec", self.node_name, exc)
+            return None
+        self.started_by = "fork"
+        return child
+
+    def _spawned(self) -> _PopenChild:
+        with self.log_path.open("ab") as out:
+            # stdout/stderr go to the log too: an import error is printed before Celery's
+            # logging (and its --logfile) exists.
+            proc = subprocess.Popen(
+                self.command,
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=self._child_setup(),
+            )
+        self.started_by = "exec"
+        return _PopenChild(proc)
 
     @staticmethod
     def _child_setup() -> Callable[[], None]:
@@ -329,6 +392,11 @@ class CeleryWorkerProcess(StartStop):
         code = self._exit_status()
         tail = [mask_secrets(line) for line in self.read_log().splitlines()[-LOG_TAIL_LINES:]]
         command = mask_secrets(" ".join(self.command))
+        if self.started_by == "fork" and self.fork_server is not None:
+            command += (
+                f" (forked by the fork server, pid {self.fork_server.pid}; "
+                f"{FORK_SERVER_ENV}=off execs it)"
+            )
         shown = "\n".join(f"    {line}" for line in tail) or "    (empty)"
         message = (
             f"Celery worker {self.node_name} (pool {self.pool}) did not start: {reason}\n"
@@ -434,20 +502,8 @@ class CeleryWorkerProcess(StartStop):
         return found
 
     def _exit_status(self) -> int | None:
-        # Never reaps (WNOWAIT): while the exited main process is a zombie its pid, and so the
-        # process group id, cannot be reused, so killpg() cannot hit a stranger's group.
-        proc = self._proc
-        if proc is None:
-            return None
-        if proc.returncode is not None:
-            return proc.returncode
-        try:
-            info = os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
-        except ChildProcessError:
-            return proc.poll()
-        if info is None or info.si_pid == 0:
-            return None
-        return info.si_status if info.si_code == os.CLD_EXITED else -info.si_status
+        """The main process's exit status; never reaps it (see _PopenChild.peek)."""
+        return None if self._proc is None else self._proc.peek()
 
     def _wait_exit(self, deadline: float) -> bool:
         while self._exit_status() is None:
