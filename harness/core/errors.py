@@ -20,6 +20,7 @@ start, ``AssertionError`` for a check that failed, so pytest reports it as a fai
      │    ├── BrokerUnavailable               a broker of the matrix is not here (a skip)
      │    ├── BrokerUnreachable               the broker URL given does not answer
      │    ├── WorkerStartError                a Celery worker never answered a ping; its log
+     │    ├── ForkServerError                 the workers' fork server is gone (they are exec'ed)
      │    ├── ServerStartError                a uvicorn or marketplace server never answered
      │    ├── PortInUseError                  a fixed port of the stack is taken
      │    ├── PythonNotFound                  no CPython of a --python version here (a skip)

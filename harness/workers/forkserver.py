@@ -35,7 +35,7 @@ the child's pid, ``status`` its exit status or null (without reaping), ``reap`` 
 
 Exceptions::
 
-    RuntimeError
+    SetupError (harness.core.errors)
      └── ForkServerError   the server is not running, did not start, or broke the protocol
 """
 
@@ -56,6 +56,8 @@ from collections import deque
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final, Self
+
+from harness.core.errors import SetupError
 
 __all__ = [
     "FORK_SERVER_ENV",
@@ -97,7 +99,7 @@ _OUTPUT_LINES: Final = 20
 _VOLATILE_ENV_PREFIX: Final = "PYTEST_"
 
 
-class ForkServerError(RuntimeError):
+class ForkServerError(SetupError):
     """The fork server cannot serve: not started, gone, or it answered nonsense."""
 
 
