@@ -267,6 +267,12 @@ class ForkServer:
         self._ready = True
         self.ready_s = time.monotonic() - self._started
         self.failed_preload = list(hello.get("failed", []))
+        logger.info(
+            "fork server %s ready %.3f s after its start (its imports: %.3f s)",
+            self.pid,
+            self.ready_s,
+            float(hello.get("s", 0.0)),
+        )
         if self.failed_preload:
             logger.warning(
                 "fork server %s: could not preload %s; its workers import them themselves",
