@@ -315,3 +315,17 @@ def test_a_server_stopped_unused_exits_quietly() -> None:
 
     assert server._proc is not None and server._proc.returncode == 0
     assert list(server.output) == []
+
+
+def test_a_child_whose_directory_is_gone_exits_1_and_says_why(
+    server: ForkServer, probe: Path, tmp_path: Path
+) -> None:
+    log = tmp_path / "probe.log"
+    env = {"PATH": os.environ["PATH"], "PYTHONPATH": str(probe)}
+    child = server.spawn(
+        ["harness_probe_module"], env=env, cwd=str(tmp_path / "gone"), log_path=log
+    )
+
+    assert child.wait(timeout=_GONE_S) == 1
+    assert "FileNotFoundError" in log.read_text()
+    assert server.can_fork(python=server.python, pool="solo")  # the server serves on

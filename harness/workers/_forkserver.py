@@ -20,6 +20,7 @@ import signal
 import socket
 import sys
 import time
+import traceback
 from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
@@ -93,7 +94,9 @@ def _become_child(request: Mapping[str, Any], server: int, own_path: Sequence[st
     return _Job(list(request["argv"]))
 
 
-def _exit_status(pid: int, *, reap: bool) -> int | None:
+def exit_status(pid: int, *, reap: bool) -> int | None:
+    """Child ``pid``'s exit status (``Popen.returncode``'s form), None while it runs; with
+    ``reap`` False it stays a zombie, so its pid and process group id stay reserved."""
     flags = os.WEXITED | os.WNOHANG | (0 if reap else os.WNOWAIT)
     info = os.waitid(os.P_PID, pid, flags)
     if info is None or info.si_pid == 0:
@@ -141,14 +144,19 @@ def _serve(sock: socket.socket, preload: Sequence[str]) -> _Job | None:
                         pid = os.fork()
                         if pid == 0:
                             sock.close()
-                            return _become_child(request, server, own_path)
+                            try:
+                                return _become_child(request, server, own_path)
+                            except BaseException:  # a directory or log that is not there
+                                traceback.print_exc()  # to the log, once stderr is it
+                                sys.stderr.flush()
+                                os._exit(1)
                         children.add(pid)
                         reply = {"pid": pid}
                     elif op == "status":
-                        reply = {"status": _exit_status(int(request["pid"]), reap=False)}
+                        reply = {"status": exit_status(int(request["pid"]), reap=False)}
                     elif op == "reap":
                         pid = int(request["pid"])
-                        reply = {"status": _exit_status(pid, reap=True)}
+                        reply = {"status": exit_status(pid, reap=True)}
                         if reply["status"] is not None:
                             children.discard(pid)
                     else:

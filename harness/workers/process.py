@@ -40,6 +40,7 @@ from harness.core.errors import SetupError
 from harness.core.logs import LogLine, read_log_file, trace_lines
 from harness.core.pythons import WORKER_PYTHON_ENV
 from harness.core.target import TARGET_ENV, default_target, default_target_spec, load_target
+from harness.workers._forkserver import exit_status
 from harness.workers.forkserver import (
     FORK_SERVER_ENV,
     ForkedChild,
@@ -143,12 +144,9 @@ class _PopenChild:
         if proc.returncode is not None:
             return proc.returncode
         try:
-            info = os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+            return exit_status(proc.pid, reap=False)
         except ChildProcessError:
             return proc.poll()
-        if info is None or info.si_pid == 0:
-            return None
-        return info.si_status if info.si_code == os.CLD_EXITED else -info.si_status
 
     def wait(self, timeout: float | None = None) -> int:
         return self.proc.wait(timeout=timeout)
