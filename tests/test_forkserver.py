@@ -143,10 +143,10 @@ def test_a_child_is_what_python_m_would_be(server: ForkServer, probe: Path, tmp_
     assert seen["ppid"] == server.pid
     assert seen["sigint_default"]
     assert seen["stdin"] == os.devnull
-    # What the server imported is there; nothing of the harness but the packages of its
-    # own module, nothing of the app.
+    # What the server imported is there; of the harness only its program's packages and the
+    # parent-death helper, nothing of the app.
     assert seen["preloaded"] == ["celery.bin.celery", "kombu", "sqlalchemy"]
-    assert set(seen["ours"]) <= {"harness", "harness.workers"}, seen["ours"]
+    assert set(seen["ours"]) <= {"harness", "harness._deathsig", "harness.workers"}, seen["ours"]
     assert "probe printed this" in log.read_text()
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import ctypes
 import logging
 import os
 import pwd
@@ -30,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from harness._deathsig import PR_SET_PDEATHSIG, load_prctl
 from harness.core.poll import poll_until
 
 log = logging.getLogger("harness.services")
@@ -37,7 +37,6 @@ log = logging.getLogger("harness.services")
 T = TypeVar("T")
 
 DIR_PREFIX = "ingest-harness-"
-_PR_SET_PDEATHSIG = 1
 
 
 @dataclass(frozen=True)
@@ -66,25 +65,8 @@ def unprivileged_user(candidates: Sequence[str] = ("postgres", "nobody")) -> Run
     raise RuntimeError(f"running as root and none of the users {list(candidates)} exist")
 
 
-def _load_prctl() -> Callable[[int, int], int] | None:
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        fn = libc.prctl
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
-    fn.restype = ctypes.c_int
-
-    def prctl(option: int, arg: int) -> int:
-        return int(fn(option, arg, 0, 0, 0))
-
-    return prctl
-
-
 # Looked up once in the parent so the forked child only makes the call.
-_PRCTL = _load_prctl()
+_PRCTL = load_prctl()
 
 
 def _make_preexec(deathsig: int) -> Callable[[], None]:
@@ -96,7 +78,7 @@ def _make_preexec(deathsig: int) -> Callable[[], None]:
         # the death signal, so it must come after), before exec (it survives exec).
         if prctl is None:
             return
-        prctl(_PR_SET_PDEATHSIG, deathsig)
+        prctl(PR_SET_PDEATHSIG, deathsig)
         if os.getppid() != parent:  # we died between fork and prctl: nobody will signal it
             os._exit(1)
 

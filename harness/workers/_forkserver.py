@@ -10,7 +10,6 @@ child's process group, when the socket closes or its parent changes.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import gc
 import importlib
 import json
@@ -24,8 +23,11 @@ import traceback
 from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
+from harness._deathsig import PR_SET_PDEATHSIG, load_prctl
+
 _PARENT_CHECK_S: Final = 1.0
-_PR_SET_PDEATHSIG: Final = 1
+# Looked up once, in the server: the forked child only makes the call.
+_PRCTL: Final = load_prctl()
 
 
 def _status_code(si_code: int, si_status: int) -> int:
@@ -58,19 +60,12 @@ def _preload(modules: Sequence[str]) -> list[str]:
     return failed
 
 
-def _arm_parent_death() -> None:
-    try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return
-    prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
-
-
 def _become_child(request: Mapping[str, Any], server: int, own_path: Sequence[str]) -> _Job:
     """In the forked child: a session of its own that dies with the server, the request's
     stdio, directory, environment and import path."""
     os.setsid()
-    _arm_parent_death()
+    if _PRCTL is not None:
+        _PRCTL(PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != server:
         os._exit(1)  # the server died before the death signal was armed
     signal.signal(signal.SIGINT, signal.default_int_handler)

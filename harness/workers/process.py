@@ -16,7 +16,6 @@ Exceptions::
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import logging
 import os
 import re
@@ -34,6 +33,7 @@ import kombu.entity
 import psutil
 from celery import Celery
 
+from harness._deathsig import PR_SET_PDEATHSIG, load_prctl
 from harness.core import stacks
 from harness.core._lifecycle import StartStop
 from harness.core.errors import SetupError
@@ -61,7 +61,6 @@ __all__ = [
 logger = logging.getLogger("harness.worker")
 
 LOG_TAIL_LINES: Final = 30
-_PR_SET_PDEATHSIG: Final = 1
 _URL_PASSWORD_RE: Final = re.compile(r"(://[^\s:/@]*):[^\s@]*@")
 _EXIT_POLL_S: Final = 0.005
 # A ready worker answers a ping within a few ms; short pings find it soon after it is up.
@@ -90,17 +89,6 @@ def app_env(
     target = default_target()
     upstream = {target.upstream_url_env: marketplace_url} if target.upstream_url_env else {}
     return target.app_env(database_url=database_url, broker_url=broker_url, **upstream, **overrides)
-
-
-def _prctl() -> Callable[..., int] | None:
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        fn: Callable[..., int] = libc.prctl
-    except (OSError, AttributeError):
-        return None
-    return fn
 
 
 def _xdist_worker() -> str:
@@ -322,12 +310,12 @@ class CeleryWorkerProcess(StartStop):
 
     @staticmethod
     def _child_setup() -> Callable[[], None]:
-        prctl = _prctl()  # resolved before the fork: the child only makes the call
+        prctl = load_prctl()  # resolved before the fork: the child only makes the call
         parent = os.getpid()
 
         def setup() -> None:
             if prctl is not None:
-                prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+                prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
             if os.getppid() != parent:
                 os._exit(1)  # the test process died before the death signal was armed
 
