@@ -99,6 +99,10 @@ _OUTPUT_LINES: Final = 20
 _VOLATILE_ENV_PREFIX: Final = "PYTEST_"
 
 
+def _with_worker_preload(preload: Sequence[str]) -> tuple[str, ...]:
+    return tuple(dict.fromkeys((*WORKER_PRELOAD, *preload)))
+
+
 class ForkServerError(SetupError):
     """The fork server cannot serve: not started, gone, or it answered nonsense."""
 
@@ -159,7 +163,7 @@ class ForkServer:
     def __init__(self, *, python: str, env: Mapping[str, str], preload: Sequence[str] = ()) -> None:
         self.python = python
         self.env = dict(env)
-        self.preload = tuple(dict.fromkeys((*WORKER_PRELOAD, *preload)))
+        self.preload = _with_worker_preload(preload)
         self.ready_s: float | None = None
         self.failed_preload: list[str] = []
         self.output: deque[str] = deque(maxlen=_OUTPUT_LINES)
@@ -182,7 +186,7 @@ class ForkServer:
     def same_as(self, *, python: str, env: Mapping[str, str], preload: Sequence[str]) -> bool:
         """Whether this server is what ``ForkServer(python=..., env=..., preload=...)`` would be
         (pytest's own ``PYTEST_*`` variables, which change from test to test, aside)."""
-        wanted = tuple(dict.fromkeys((*WORKER_PRELOAD, *preload)))
+        wanted = _with_worker_preload(preload)
         differ = sorted(
             key
             for key in set(env) ^ set(self.env) | {k for k in env if env[k] != self.env.get(k)}
