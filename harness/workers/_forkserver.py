@@ -168,10 +168,13 @@ def _serve(sock: socket.socket, preload: Sequence[str]) -> _Job | None:
 
 
 def _kill_children(children: set[int]) -> None:
-    """Each child's process group (prefork's pool too) killed and reaped."""
+    """Each child's process group (prefork's pool too) killed and reaped. The child itself
+    is killed too: one that left its group would otherwise keep this process waiting."""
     for pid in children:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
     for pid in children:
         with contextlib.suppress(ChildProcessError):
             os.waitpid(pid, 0)
