@@ -264,13 +264,14 @@ def test_worker_pool_is_parametrized_over_pools_and_brokers_with_their_markers(
     every = collected_ids(project.runpytest("--collect-only", "-q", "--broker=all"))
     threads = collected_ids(project.runpytest("--collect-only", "-q", "-m", "threads"))
 
+    # In run order: each worker's tests together, the slow-booting prefork's last.
     assert every == [
-        "prefork-redis",
         "solo-redis",
         "threads-redis",
-        "prefork-amqp",
         "solo-amqp",
         "threads-amqp",
+        "prefork-redis",
+        "prefork-amqp",
     ]
     assert threads == ["threads-redis"]
 
@@ -639,8 +640,9 @@ def test_a_bad_python_is_a_usage_error(
 
 
 def test_tests_are_ordered_by_the_worker_they_run_on_within_a_module() -> None:
-    """In process first, then each (pool, broker)'s tests together, in first-need order; the
-    order inside a group and of the tests outside the matrix is kept (a stable sort)."""
+    """In process first, then each (pool, broker)'s tests together, in first-need order but
+    the slow-booting pools' (prefork, gevent) last; the order inside a group and of the tests
+    outside the matrix is kept (a stable sort)."""
     from types import SimpleNamespace
 
     from harness.core.cell import Cell
@@ -662,4 +664,4 @@ def test_tests_are_ordered_by_the_worker_they_run_on_within_a_module() -> None:
         item("g", two, matrix_cell=Cell("no_loop", "threads", "redis")),
     ]
     _in_worker_order(items)  # type: ignore[arg-type]
-    assert [i.name for i in items] == ["d", "a", "c", "b", "plain", "e", "f", "g"]
+    assert [i.name for i in items] == ["d", "b", "plain", "e", "a", "c", "f", "g"]

@@ -36,6 +36,7 @@ __all__ = [
     "POOLS",
     "RUNNERS",
     "SERVICE_MODES",
+    "SLOW_BOOT_POOLS",
     "XDIST_GROUP_PREFIX",
     "Broker",
     "Cell",
@@ -82,6 +83,10 @@ def mode_applies(mode: str, pool: str) -> bool:
 
 POOLS: Final = ("prefork", "solo", "threads", "gevent")
 DEFAULT_POOLS: Final = ("prefork", "solo", "threads")
+# The pools whose worker takes longest to be ready: prefork forks a pool of processes and warms
+# each; gevent is exec'ed (the fork server cannot fork it: harness.workers.forkserver). Their
+# tests run after the others', so that the quick workers' tests run while these boot.
+SLOW_BOOT_POOLS: Final = ("prefork", "gevent")
 BROKERS: Final[tuple[str, ...]] = get_args(Broker)
 DEFAULT_BROKERS: Final = ("redis",)
 RUNNERS: Final[tuple[str, ...]] = get_args(RunnerName)

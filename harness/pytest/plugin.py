@@ -27,6 +27,7 @@ from harness.core.cell import (
     POOLS,
     RUNNERS,
     SERVICE_MODES,
+    SLOW_BOOT_POOLS,
     Cell,
     worker_group,
 )
@@ -264,8 +265,9 @@ def _worker_key(item: pytest.Item) -> tuple[str, str] | None:
 
 def _in_worker_order(items: list[pytest.Item]) -> None:
     """Within each module, the tests that need no worker first, then each Celery worker's
-    tests together, in the order the module first needs them (a stable sort: the order
-    within a worker's tests is kept, and so is every test outside the matrix).
+    tests together: the quick workers' in the order the module first needs them, then those of
+    the pools that are slow to boot (``SLOW_BOOT_POOLS``), in that order too (a stable sort:
+    the order within a worker's tests is kept, and so is every test outside the matrix).
 
     The farm boots the workers in that order, a core's worth at a time: the first tests run
     while the later workers boot (docs/benchmarks.md, issue 14).
@@ -279,9 +281,9 @@ def _in_worker_order(items: list[pytest.Item]) -> None:
         block = items[start:end]
         keys = [_worker_key(item) for item in block]
         rank: dict[tuple[str, str], int] = {("", ""): -1}
-        for key in keys:
-            if key is not None:
-                rank.setdefault(key, len(rank))
+        needed = [pair for pair in keys if pair is not None]
+        for pair in sorted(needed, key=lambda p: p[0] in SLOW_BOOT_POOLS):
+            rank.setdefault(pair, len(rank))
         if len(rank) > 2:  # more than one worker in the module: worth ordering
             # A test outside the matrix keeps the rank of the test before it.
             ranks, last = [], -2
