@@ -58,6 +58,8 @@ from pathlib import Path
 from typing import Any, Final, Self
 
 from harness.core.errors import SetupError
+from harness.core.pythons import WORKER_PYTHON_ENV
+from harness.core.target import default_target_spec, load_target
 
 __all__ = [
     "FORK_SERVER_ENV",
@@ -360,10 +362,6 @@ def fork_server_settings(target: str | None = None) -> dict[str, Any]:
     """What a fork server for the workers of ``target`` (default: the session's) is made of:
     their interpreter, their environment without any per-worker variable, and the Target's
     ``worker_preload``."""
-    # Here, not at the top: the server runs this module and must import nothing of ours.
-    from harness.core.pythons import WORKER_PYTHON_ENV
-    from harness.core.target import default_target_spec, load_target
-
     spec = target or default_target_spec()
     loaded = load_target(spec)
     env = worker_environment({}, None, drop=loaded.env_prefix)
